@@ -1,0 +1,6 @@
+"""Networks and processes. Imports nothing of the project above it."""
+from .checkpoint import (EMA, CheckpointError, build_process, load_checkpoint, model_from_checkpoint,
+                         save_checkpoint)
+from .diffusion import DDPM
+from .flow import RectifiedFlow
+from .unet import PRESETS, TimeMLP, UNet, build_model, count_params, unet_from_preset

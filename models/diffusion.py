@@ -1,0 +1,130 @@
+"""DDPM (variance-preserving) diffusion: schedules, q_sample, epsilon loss, ancestral and DDIM samplers.
+
+Conventions (asserted in tests/test_models.py):
+  - steps n = 0..N; n = 0 is data, n = N is (nearly) pure noise; sampling runs n = N -> 0.
+  - alpha_bar[0] = 1 and alpha_bar decreases in n; x_n = sqrt(abar_n) x_0 + sqrt(1 - abar_n) eps.
+  - the network sees t = n / N in [0, 1] and predicts eps.
+  - every random draw takes a ``torch.Generator`` on the tensors' device; no host syncs in loops.
+
+The samplers run any segment start -> stop of the chain with any network, so P-GRAFT can stitch a
+fine-tuned model for N -> N_I to the frozen reference for N_I -> 0 (paper, section 3).
+"""
+import math
+
+import torch
+
+
+def randn(shape, generator, like):
+    """Standard normal noise with ``like``'s device and dtype, drawn from ``generator``."""
+    return torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
+
+
+def make_betas(n_steps, schedule):
+    if schedule == "linear":  # Ho et al. 2020, scaled so that any N gives the same abar_N
+        scale = 1000.0 / n_steps
+        return torch.linspace(scale * 1e-4, scale * 0.02, n_steps, dtype=torch.float64)
+    if schedule == "cosine":  # Nichol & Dhariwal 2021
+        s = 0.008
+        f = torch.cos((torch.arange(n_steps + 1, dtype=torch.float64) / n_steps + s) / (1 + s) * math.pi / 2) ** 2
+        return (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    raise ValueError(f"unknown schedule {schedule!r} (linear or cosine)")
+
+
+class DDPM:
+    def __init__(self, n_steps=1000, schedule="linear"):
+        self.N, self.schedule = int(n_steps), schedule
+        betas = make_betas(self.N, schedule)
+        # index n holds abar_n; abar_0 = 1 (clean data)
+        self.alpha_bar = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - betas, 0)])
+        self._abar = self.alpha_bar.tolist()  # python floats: scalar lookups never touch the device
+        self._cache = {}
+
+    @property
+    def config(self):
+        return dict(kind="ddpm", n_steps=self.N, schedule=self.schedule)
+
+    def abar(self, n, like):
+        """abar_n for an integer tensor n, on ``like``'s device/dtype, shaped to broadcast with it."""
+        key = (like.device, like.dtype)
+        if key not in self._cache:
+            self._cache[key] = self.alpha_bar.to(device=like.device, dtype=like.dtype)
+        return self._cache[key][n].reshape(-1, *([1] * (like.dim() - 1)))
+
+    def q_sample(self, x0, n, eps):
+        ab = self.abar(n, x0)
+        return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+
+    def loss(self, model, x0, y=None, generator=None, n_range=None):
+        """Epsilon-prediction loss, n uniform on n_range = (lo, hi) inclusive (default (1, N)).
+
+        A sub-range trains one segment of the chain only (P-GRAFT's ``--loss x0``)."""
+        lo, hi = n_range or (1, self.N)
+        n = torch.randint(lo, hi + 1, (x0.shape[0],), generator=generator, device=x0.device)
+        eps = randn(x0.shape, generator, x0)
+        pred = model(self.q_sample(x0, n, eps), n.float() / self.N, y)
+        return (pred - eps).pow(2).mean()
+
+    def grid(self, start, stop, num_steps=None):
+        """Decreasing integer steps start -> stop. With num_steps=S the points are those of the
+        global S-step grid round(linspace(N, 0, S+1)) that fall inside, plus the two ends, so that
+        segment runs stitch into exactly the full run."""
+        if not 0 <= stop < start <= self.N:
+            raise ValueError(f"need 0 <= stop < start <= N={self.N}, got start={start}, stop={stop}")
+        if num_steps is None or num_steps >= self.N:
+            return list(range(start, stop - 1, -1))
+        full = torch.linspace(self.N, 0, num_steps + 1, dtype=torch.float64).round().long().tolist()
+        return [start] + [n for n in full if stop < n < start] + [stop]
+
+    def eps(self, model, x, n, y=None, cfg_scale=0.0):
+        t = torch.full((x.shape[0],), n / self.N, device=x.device, dtype=x.dtype)
+        if cfg_scale == 0.0 or y is None:
+            return model(x, t, y)
+        # classifier-free guidance: eps_u + (1 + w)(eps_c - eps_u), one batched call
+        null = torch.full_like(y, -1) if y.dtype == torch.long else torch.zeros_like(y)
+        e = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
+        ec, eu = e.chunk(2)
+        return eu + (1 + cfg_scale) * (ec - eu)
+
+    def step(self, model, x, n, m, y=None, eta=1.0, generator=None, clip=False, cfg_scale=0.0):
+        """One generalized DDIM step n -> m < n (Song et al. 2021, eq. 12). eta=1 with m = n-1 is
+        DDPM ancestral sampling with the posterior variance beta_tilde; eta=0 is deterministic."""
+        ab_n, ab_m = self._abar[n], self._abar[m]
+        e = self.eps(model, x, n, y, cfg_scale)
+        x0 = (x - math.sqrt(1 - ab_n) * e) / math.sqrt(ab_n)
+        if clip:
+            x0 = x0.clamp(-1, 1)
+            e = (x - math.sqrt(ab_n) * x0) / math.sqrt(1 - ab_n)
+        sigma = eta * math.sqrt((1 - ab_m) / (1 - ab_n) * (1 - ab_n / ab_m))
+        x = math.sqrt(ab_m) * x0 + math.sqrt(max(1 - ab_m - sigma ** 2, 0.0)) * e
+        if sigma > 0:
+            x = x + sigma * randn(x.shape, generator, x)
+        return x
+
+    @torch.no_grad()
+    def sample(self, model, x, start=None, stop=0, y=None, generator=None, eta=1.0, num_steps=None,
+               return_at=(), clip=False, cfg_scale=0.0, progress=None):
+        """Run x (the state at step ``start``, default N) down to ``stop``.
+
+        Returns (x_stop, {n: x_n for n in return_at}). ``model`` is either a network or a list of
+        (network, hi, lo) segments covering start..stop, e.g. [(finetuned, N, N_I), (ref, N_I, 0)]."""
+        start = self.N if start is None else start
+        steps = self.grid(start, stop, num_steps)
+        saved = {}
+        want = set(return_at)
+        if start in want:
+            saved[start] = x
+        pairs = list(zip(steps[:-1], steps[1:]))
+        for n, m in (progress(pairs) if progress else pairs):
+            net = model
+            if isinstance(model, (list, tuple)):
+                net = next(net_ for net_, hi, lo in model if hi >= n > lo)
+            x = self.step(net, x, n, m, y, eta, generator, clip, cfg_scale)
+            if m in want:
+                saved[m] = x
+        missing = want - set(saved)
+        if missing:
+            raise ValueError(f"return_at steps {sorted(missing)} are not on the sampling grid {steps[:3]}...")
+        return x, saved
+
+    def prior(self, shape, generator, device, dtype=torch.float32):
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
