@@ -61,7 +61,8 @@ TOY = Toy2D()
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Admits numpy arrays and nothing else: a tampered pickle cannot run code."""
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype")}
+               ("numpy", "ndarray"), ("numpy", "dtype"),
+               ("_codecs", "encode")}  # protocol-2 pickles of bytes written by Python 3 (harmless)
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
@@ -72,6 +73,9 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
             except ImportError:  # numpy < 2
                 from numpy.core.multiarray import _reconstruct
             return _reconstruct
+        if module == "_codecs":
+            import codecs
+            return codecs.encode
         return getattr(np, name)
 
 
