@@ -241,3 +241,14 @@ def test_checkpoint_refuses_pickled_objects_and_garbage(tmp_path):
         load_checkpoint(tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_sampling_loops_never_call_item(monkeypatch):
+    # a host sync per step would stall a GPU; .item() is the usual culprit
+    def boom(self):
+        raise AssertionError(".item() inside a sampling loop")
+    net = _net()
+    monkeypatch.setattr(torch.Tensor, "item", boom)
+    DDPM(50).sample([(net, 50, 20), (net, 20, 0)], torch.randn(4, 2), generator=torch.Generator(), return_at=[20])
+    flow = RectifiedFlow()
+    flow.invert(net, flow.sample(net, torch.randn(4, 2), 5, method="heun"), 5, n_fixed=3)
