@@ -1,0 +1,114 @@
+"""Rewards: ``reward(images_or_points, conditions) -> tensor (B,)``, higher is better, no gradients.
+
+    get_reward("linear", task, device)           # toy2d: r(x) = <x, u>, u at 247.5 deg; exact CDF under the mixture
+    get_reward("linear:0", task, device)         # toy2d: u at 0 deg (towards the lightest mode)
+    get_reward("digit", task, device)            # MNIST: log p(requested digit | image), learned classifier
+    get_reward("digit:3", task, device)          # MNIST, unconditional model: log p(3 | image)
+    get_reward("smiling", task, device)          # CelebA: log p(Smiling | image); "smiling+eyeglasses" for several
+    get_reward("attributes", task, device)       # CelebA, attribute-conditional model: log p(requested attrs | image)
+    get_reward("jpeg", task, device)             # any image task: JPEG compressibility (-kB), DDPO
+    get_reward("jpeg-incompressibility", ...)    # +kB
+
+Every reward is a ``Reward``: call it with (x, y) where y is the batch's conditions (labels,
+attribute vectors) or None; ``metrics(x, y)`` gives extra numbers (classifier accuracy). Rewards run
+under ``torch.no_grad`` and return float32 on x's device. Classifier rewards load a checkpoint cached
+under runs/rewards/ and train it first (saying so) when it is missing.
+"""
+import torch
+
+from common import UsageError
+
+
+class Reward:
+    """Base class: subclasses set ``name``, ``description`` and implement ``score``."""
+    name = "reward"
+    description = ""
+    uses_conditions = False  # whether the value depends on the conditions y
+
+    @torch.no_grad()
+    def __call__(self, x, y=None):
+        return self.score(x, y).float()
+
+    def score(self, x, y):
+        raise NotImplementedError
+
+    def metrics(self, x, y=None):
+        """Extra evaluation numbers beyond the reward's mean (e.g. classifier accuracy)."""
+        return {}
+
+
+def default_reward(task_name, conditional):
+    """The reward a task uses when --reward is not given."""
+    if task_name == "toy2d":
+        return "linear"
+    if task_name == "mnist":
+        return "digit" if conditional else "digit:0"
+    if task_name == "celeba":
+        return "attributes" if conditional else "smiling"
+    return "jpeg"
+
+
+def reward_names(task_name):
+    """The reward names a task accepts (for help texts and error messages)."""
+    if task_name == "toy2d":
+        return ["linear", "linear:DEG"]
+    names = ["jpeg", "jpeg-incompressibility"]
+    if task_name == "mnist":
+        names = ["digit", "digit:K"] + names
+    if task_name == "celeba":
+        names = ["attributes", "<attribute>[+<attribute>...] e.g. smiling, eyeglasses+male"] + names
+    return names
+
+
+def get_reward(name, task, device="cpu", conditional=False, data_dir=None, classifier_path=None):
+    """Build the reward ``name`` for ``task`` (a tasks.Task). ``conditional``: whether the model that
+    is rewarded takes conditions (then classifier rewards score the requested label/attributes)."""
+    name = (name or default_reward(task.name, conditional)).strip()
+    low = name.lower()
+    if low.startswith("linear"):
+        if task.name != "toy2d":
+            raise UsageError(f"reward {name!r} is for toy2d; for {task.name} use one of {', '.join(reward_names(task.name))}")
+        from .toy2d import LinearReward
+        angle = _after_colon(name, float, "linear:DEG (angle of the direction u in degrees)")
+        return LinearReward() if angle is None else LinearReward(angle)
+    if low in ("jpeg", "jpeg-compressibility", "jpeg-incompressibility"):
+        if task.kind != "image":
+            raise UsageError(f"reward {name!r} needs an image task, not {task.name}")
+        from .jpeg import JPEGReward
+        return JPEGReward(incompressible=low == "jpeg-incompressibility")
+    if task.name == "mnist" and low.startswith("digit"):
+        from .classifier import DigitReward
+        target = _after_colon(name, int, "digit:K with K in 0..9")
+        if target is None and not conditional:
+            raise UsageError("the MNIST model is unconditional: name the digit to reward, e.g. --reward digit:3")
+        if target is not None and not 0 <= target <= 9:
+            raise UsageError(f"--reward {name}: the digit must be in 0..9")
+        return DigitReward(device, target, data_dir=data_dir, path=classifier_path)
+    if task.name == "celeba":
+        from .classifier import AttributeReward
+        if low == "attributes":
+            if not conditional:
+                raise UsageError("--reward attributes scores the requested attributes, but the CelebA model is "
+                                 "unconditional: name the attributes instead, e.g. --reward smiling")
+            return AttributeReward(device, None, data_dir=data_dir, path=classifier_path)
+        return AttributeReward(device, low.split("+"), data_dir=data_dir, path=classifier_path)
+    raise UsageError(f"unknown reward {name!r} for task {task.name}; choose from {', '.join(reward_names(task.name))}")
+
+
+def _after_colon(name, cast, what):
+    if ":" not in name:
+        return None
+    try:
+        return cast(name.split(":", 1)[1])
+    except ValueError:
+        raise UsageError(f"cannot read reward {name!r}: expected {what}") from None
+
+
+def check_finite(r, name):
+    """A NaN/inf reward stops the run with one line (exit 2), never a silent selection."""
+    bad = ~torch.isfinite(r)
+    n_bad = int(bad.sum())
+    if n_bad:
+        raise UsageError(f"reward {name!r} returned {n_bad} non-finite values (NaN/inf) out of {r.numel()}; "
+                         f"check the reward, its classifier checkpoint and the samples")
+    return r
