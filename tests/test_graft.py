@@ -220,15 +220,10 @@ def test_cli_exit_code_2(tmp_path):
 
 # ---------------------------------------------------------------- image path ----
 def test_graft_mnist_fabricated(tmp_path):
-    from test_rewards import make_mnist_pickle
-    data = make_mnist_pickle(str(tmp_path / "mnist"), n=120)
-    pretrain.main(["--task", "mnist", "--data-dir", data, "--preset", "tiny", "--steps", "3", "--batch-size", "8",
-                   "--out", str(tmp_path / "base"), "--num-samples", "4", "--fid-num", "0"])
-    from rewards.classifier import train_classifier
-    clf = str(tmp_path / "clf.pt")
-    train_classifier("mnist", out=clf, steps=10, batch_size=16, data_dir=data)
+    from test_rewards import tiny_mnist_setup
+    data, base, clf = tiny_mnist_setup(tmp_path)
     out = tmp_path / "g"
-    s = graft.main(["--task", "mnist", "--data-dir", data, "--base", str(tmp_path / "base" / "ckpt.pt"),
+    s = graft.main(["--task", "mnist", "--data-dir", data, "--base", base,
                     "--classifier", clf, "--out", str(out), "--prompts", "10", "--M", "2", "--K", "1",
                     "--train-steps", "2", "--batch-size", "4", "--eval-num", "10", "--steps", "4", "--rounds", "1"])
     for k in ("fid_base", "fid_final", "accuracy_base", "accuracy_final", "reward_base", "reward_final"):

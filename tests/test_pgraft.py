@@ -127,14 +127,9 @@ def test_refusals(base, tmp_path, capsys):
 
 # ---------------------------------------------------------------- image paths ----
 def test_pgraft_mnist_fabricated(tmp_path):
-    from test_rewards import make_mnist_pickle
-    from rewards.classifier import train_classifier
-    data = make_mnist_pickle(str(tmp_path / "mnist"), n=120)
-    pretrain.main(["--task", "mnist", "--data-dir", data, "--preset", "tiny", "--steps", "3", "--batch-size", "8",
-                   "--out", str(tmp_path / "base"), "--num-samples", "4", "--fid-num", "0"])
-    clf = str(tmp_path / "clf.pt")
-    train_classifier("mnist", out=clf, steps=10, batch_size=16, data_dir=data)
-    s = pgraft.main(["--task", "mnist", "--data-dir", data, "--base", str(tmp_path / "base" / "ckpt.pt"),
+    from test_rewards import tiny_mnist_setup
+    data, base, clf = tiny_mnist_setup(tmp_path)
+    s = pgraft.main(["--task", "mnist", "--data-dir", data, "--base", base,
                      "--classifier", clf, "--out", str(tmp_path / "p"), "--prompts", "10", "--M", "2", "--K", "1",
                      "--train-steps", "2", "--batch-size", "4", "--eval-num", "10", "--steps", "4", "--rounds", "1",
                      "--n-i", "0.5", "--lemma-states", "2", "--lemma-continuations", "2", "--fid-num", "0"])

@@ -172,3 +172,15 @@ def test_classifier_cli_runs(tmp_path):
     classifier.main(["--task", "mnist", "--data-dir", data, "--steps", "5", "--out", out, "--device", "cpu"])
     assert os.path.isfile(out)
     assert math.isfinite(classifier.load_classifier("mnist", path=out)[1]["accuracy"])
+
+
+def tiny_mnist_setup(tmp_path, n=120, clf_steps=10):
+    """Fabricated MNIST, a 3-step tiny base and a briefly trained classifier: (data_dir, base, classifier)."""
+    import pretrain
+    from rewards.classifier import train_classifier
+    data = make_mnist_pickle(str(tmp_path / "mnist"), n=n)
+    pretrain.main(["--task", "mnist", "--data-dir", data, "--preset", "tiny", "--steps", "3", "--batch-size", "8",
+                   "--out", str(tmp_path / "base"), "--num-samples", "4", "--fid-num", "0"])
+    clf = str(tmp_path / "clf.pt")
+    train_classifier("mnist", out=clf, steps=clf_steps, batch_size=16, data_dir=data)
+    return data, str(tmp_path / "base" / "ckpt.pt"), clf
