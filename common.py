@@ -1,62 +1,206 @@
-"""Plumbing shared by the scripts: run folders, clean errors, devices, batches, training, sampling.
+"""Plumbing shared by the scripts: command lines, clean errors, run folders, resume, stop signals,
+divergence checks, devices, reference models, sampling in batches and pictures.
 
-Nothing here is an algorithm of the paper; the scripts keep those lines visible in themselves.
+Nothing here is an algorithm of the paper: the scripts keep those lines (the round, the losses, the
+optimiser step) visible in themselves. Every helper takes keyword arguments.
 """
 import argparse
 import json
 import math
 import os
+import signal
+import subprocess
 import sys
 import time
 
 import torch
 
-from models import (EMA, DDPM, CheckpointError, RectifiedFlow, TimeMLP, count_params, load_checkpoint,
-                    model_from_checkpoint, save_checkpoint, unet_from_preset)
+from models import (DDPM, CheckpointError, RectifiedFlow, TimeMLP, count_params, load_checkpoint,
+                    model_from_checkpoint, unet_from_preset)
 from models.checkpoint import set_rng_state
-from tasks import DataError, get_task
+from tasks import DataError, UsageError
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+__all__ = ["DataError", "UsageError", "CheckpointError"]
 
 
-class UsageError(ValueError):
-    """Bad flag values (K > M, N_I out of range, ...); one line for the user."""
+class Diverged(UsageError):
+    """A non-finite or exploding loss or weights; the run stops and keeps its last good checkpoint."""
 
 
-# ---------------------------------------------------------------- errors and run folders ----
+class Interrupted(Exception):
+    """SIGTERM or Ctrl-C: the run saved what it could and stops with a line saying how to resume."""
+
+    def __init__(self, msg, code):
+        super().__init__(msg)
+        self.code = code
+
+
+# ---------------------------------------------------------------- errors and exit codes ----
 def fail(msg):
     print(f"error: {msg}", file=sys.stderr)
     raise SystemExit(2)
 
 
 def run_main(main):
-    """Run ``main()``; bad input becomes one line on stderr and exit code 2."""
+    """Run ``main()``: bad input becomes one line on stderr and exit code 2; a stop signal one line
+    and 128 + the signal's number."""
     try:
         main()
     except (DataError, CheckpointError, UsageError) as e:
         fail(str(e))
+    except Interrupted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        raise SystemExit(e.code) from None
+    except KeyboardInterrupt:
+        print("stopped: interrupted (Ctrl-C); rerun the same command with --resume to continue from the last "
+              "checkpoint", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
-def add_common_args(p, task="toy2d"):
-    p.add_argument("--task", default=task, help="task name from tasks.py (toy2d, mnist, celeba, celebahq, church)")
-    p.add_argument("--out", default=None, help="output folder (default: runs/<script>/<task>...)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every random draw (data order, noise, init)")
+class StopSignals:
+    """SIGTERM (a cluster pre-empting the job) and SIGINT (Ctrl-C) set ``requested`` instead of
+    killing the process, so a training loop can finish its step, save and exit cleanly."""
+
+    def __init__(self):
+        self.requested = None
+        self._old = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. inside some test runners): leave the default
+                pass
+
+    def _handle(self, signum, frame):
+        self.requested = signal.Signals(signum).name
+
+    def stop(self, where, resume_hint):
+        """Raise Interrupted naming the signal; call at a step boundary after saving."""
+        code = 128 + getattr(signal, self.requested).value
+        raise Interrupted(f"{self.requested} {where}; {resume_hint}", code)
+
+    def restore(self):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.restore()
+
+
+# ---------------------------------------------------------------- command lines ----
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2) and every default shown in --help."""
+
+    def __init__(self, description, epilog=None):
+        super().__init__(description=description, epilog=epilog,
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    def error(self, message):
+        fail(f"{message} (see --help)")
+
+
+def parser(description, task_defaults=None):
+    """A Parser whose epilog lists the script's per-task overrides of its defaults."""
+    epilog = None
+    if task_defaults:
+        epilog = "per-task defaults (override the ones above when --task is that task): " + "; ".join(
+            f"{t}: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in d.items()) for t, d in task_defaults.items())
+    return Parser(description, epilog)
+
+
+def _number(cast, lo=None, hi=None, lo_open=False, what=None):
+    def check(text):
+        try:
+            v = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what or cast.__name__}, got {text!r}") from None
+        if isinstance(v, float) and not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if lo is not None and (v <= lo if lo_open else v < lo):
+            raise argparse.ArgumentTypeError(f"must be {'>' if lo_open else '>='} {lo}, got {text}")
+        if hi is not None and v > hi:
+            raise argparse.ArgumentTypeError(f"must be <= {hi}, got {text}")
+        return v
+    check.__name__ = what or cast.__name__
+    return check
+
+
+pos_int = _number(int, 1, what="an integer >= 1")
+nonneg_int = _number(int, 0, what="an integer >= 0")
+pos_float = _number(float, 0.0, lo_open=True, what="a number > 0")
+nonneg_float = _number(float, 0.0, what="a number >= 0")
+finite_float = _number(float, what="a finite number")
+unit_float = _number(float, 0.0, 1.0, what="a number in [0, 1]")
+
+
+def int_list(text):
+    """'10,20,40' -> [10, 20, 40] (sorted, unique, each >= 1)."""
+    try:
+        vals = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of integers, got {text!r}") from None
+    if not vals or vals[0] < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return vals
+
+
+def add_run_args(p, task="toy2d"):
+    """The flags every script has: --task --out --seed --device --resume --data-dir --bf16 --compile."""
+    from tasks import TASKS
+    p.add_argument("--task", default=task, choices=list(TASKS), help="task from tasks.py: data, sizes, defaults")
+    p.add_argument("--out", default=None, help="output folder (None: runs/<script>/<task>...)")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of every random draw (data order, noise, init)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt if it exists")
-    p.add_argument("--data-dir", default=None, help="where the task's data lies (see README's task table)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt (flags that define the run must "
+                   "match the checkpoint's; see 'may change on resume' below)")
+    p.add_argument("--data-dir", default=None, help="where the task's data lies (None: the task's default; README)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for network calls (CUDA only)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (CUDA only)")
     return p
 
 
-def parser(description):
-    return argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parse(p, argv=None, task_defaults=None, may_change=()):
+    """Parse twice: once for --task, then with that task's overrides as defaults. Returns
+    (args, given) where ``given`` is the set of flags typed on the command line."""
+    if may_change:
+        p.epilog = (p.epilog + " | " if p.epilog else "") + "may change on resume: " + ", ".join(
+            f"--{k.replace('_', '-')}" for k in may_change)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--task", default=p.get_default("task"))
+    task = pre.parse_known_args(argv)[0].task
+    if task_defaults and task in task_defaults:
+        p.set_defaults(**task_defaults[task])
+    args = p.parse_args(argv)
+    # which flags were typed: parse again with every default suppressed
+    blank = argparse.Namespace()
+    saved = {a.dest: a.default for a in p._actions}
+    try:
+        for a in p._actions:
+            a.default = argparse.SUPPRESS
+        p.parse_args(argv, namespace=blank)
+    finally:
+        for a in p._actions:
+            a.default = saved[a.dest]
+    return args, set(vars(blank))
 
 
 def pick_device(name):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name} asked for CUDA but none is available; use --device cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or auto") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name!r}: only cpu and cuda are supported")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name} asked for CUDA but none is available; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
     return dev
 
 
@@ -64,22 +208,84 @@ def generator(seed, device):
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def _atomic_json(path, obj):
-    tmp = f"{path}.tmp"
+def print_derived(title, **quantities):
+    """Every script prints its derived quantities before it starts working."""
+    print(f"== {title}")
+    for k, v in quantities.items():
+        print(f"   {k:28s} {v}")
+
+
+# ---------------------------------------------------------------- run folders ----
+def check_out(out, what="--out"):
+    """Refuse an output folder that is a file or cannot be created, before anything is written."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"{what} {out} is a file, not a folder; pass a folder path")
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} {out} cannot be created or written ({parent} is not a writable folder); "
+                         f"pass another {what}")
+
+
+def strict(obj):
+    """JSON-safe values: non-finite floats become None (strict JSON has no NaN), tensors plain numbers."""
+    if isinstance(obj, dict):
+        return {str(k): strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return strict(obj.tolist())
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, (int, str, bool, type(None))):
+        return obj
+    return str(obj)
+
+
+def atomic_json(path, obj):
+    tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
+        json.dump(strict(obj), f, indent=2, allow_nan=False)
     os.replace(tmp, path)
 
 
-class RunLog:
-    """OUT/args.json at start, OUT/metrics.jsonl one line per log call, OUT/summary.json at the end."""
+def atomic_save(obj, path):
+    """torch.save through a temporary file and os.replace: never a half-written file in place."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
-    def __init__(self, out, args):
+
+class RunLog:
+    """OUT/args.json at start, OUT/metrics.jsonl one line per log call, OUT/summary.json at the end.
+
+    Create it only after every input is validated: it is the first thing that touches --out. A fresh
+    run moves an earlier metrics.jsonl to metrics.prev.jsonl; a resumed one drops the rows logged
+    after its checkpoint (``resumed_at``), so an interrupted-and-resumed log equals an uninterrupted one."""
+
+    def __init__(self, out, args, resumed_at=None):
         self.out = out
         os.makedirs(out, exist_ok=True)
-        _atomic_json(os.path.join(out, "args.json"), vars(args))
-        if not args.resume and os.path.exists(self.path("metrics.jsonl")):
-            os.replace(self.path("metrics.jsonl"), self.path("metrics.prev.jsonl"))
+        for name in os.listdir(out):  # temporary files of writers that were killed mid-write
+            if ".tmp." in name and os.path.isfile(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
+        atomic_json(self.path("args.json"), vars(args))
+        path = self.path("metrics.jsonl")
+        if resumed_at is None and os.path.exists(path):
+            os.replace(path, self.path("metrics.prev.jsonl"))
+        elif resumed_at is not None and os.path.exists(path):
+            key, value = resumed_at
+            with open(path) as f:
+                rows = [ln for ln in f if ln.strip()]
+            keep = [ln for ln in rows if json.loads(ln).get(key, -1) <= value]
+            with open(f"{path}.tmp.{os.getpid()}", "w") as f:
+                f.writelines(keep)
+            os.replace(f"{path}.tmp.{os.getpid()}", path)
         self.t0 = time.time()
 
     def path(self, name):
@@ -88,19 +294,73 @@ class RunLog:
     def log(self, **row):
         row = {"time_s": round(time.time() - self.t0, 2), **row}
         with open(self.path("metrics.jsonl"), "a") as f:
-            f.write(json.dumps(row, default=float) + "\n")
+            f.write(json.dumps(strict(row), allow_nan=False) + "\n")
 
     def summary(self, **summary):
-        summary = {"wall_time_s": round(time.time() - self.t0, 1), **summary}
-        _atomic_json(self.path("summary.json"), summary)
+        summary = strict({"wall_time_s": round(time.time() - self.t0, 1), **summary})
+        atomic_json(self.path("summary.json"), summary)
         return summary
 
 
-def print_derived(title, **quantities):
-    """Every script prints its derived quantities before it starts working."""
-    print(f"== {title}")
-    for k, v in quantities.items():
-        print(f"   {k:28s} {v}")
+# ---------------------------------------------------------------- resume ----
+def _same(a, b):
+    return json.dumps(strict(a), sort_keys=True) == json.dumps(strict(b), sort_keys=True)
+
+
+def check_resume(ckpt, args, may_change, path):
+    """Refuse to resume a checkpoint made with other defining arguments (all but ``may_change``)."""
+    old = ckpt.get("args") or {}
+    diff = [k for k, v in vars(args).items() if k not in may_change and k != "resume" and k in old
+            and not _same(old[k], v)]
+    if diff:
+        shown = ", ".join(f"--{k.replace('_', '-')} {old[k]!r} -> {getattr(args, k)!r}" for k in diff)
+        raise UsageError(f"{path} was made with other arguments ({shown}); rerun with the checkpoint's values, "
+                         f"or drop --resume and pass another --out")
+
+
+def load_resume(path, args, may_change):
+    """The checkpoint to resume from (checked against ``args``), or None, saying "starting fresh"."""
+    if not args.resume:
+        return None
+    if not os.path.exists(path):
+        print(f"--resume: no checkpoint at {path}; starting fresh")
+        return None
+    ckpt = load_checkpoint(path)
+    check_resume(ckpt, args, may_change, path)
+    return ckpt
+
+
+def restore(ckpt, model, ema, opt):
+    """Weights, EMA, optimiser and global RNG from a checkpoint; returns (step, extra)."""
+    model.load_state_dict(ckpt["model"])
+    if ckpt.get("ema") is not None:
+        ema.load_state_dict(ckpt["ema"], step=ckpt.get("ema_step", ckpt["step"]))
+    if ckpt.get("optimizer") is not None:
+        opt.load_state_dict(ckpt["optimizer"])
+    set_rng_state(ckpt["rng"])
+    return ckpt["step"], ckpt.get("extra") or {}
+
+
+# ---------------------------------------------------------------- divergence ----
+LOSS_LIMIT = 1e3  # every loss here is a mean squared error of O(1) quantities: 1e3 means it has exploded
+
+
+def check_loss(losses, step, lr, flag="--lr"):
+    """Mean of the logged window of losses (one host sync); a non-finite or exploding value raises
+    Diverged naming the step and the likely cause, before anything is written."""
+    mean = torch.stack(losses).mean().item()
+    if not math.isfinite(mean) or mean > LOSS_LIMIT:
+        raise Diverged(f"training diverged by step {step} (mean loss {mean:.4g}); the learning rate {flag} {lr:g} "
+                       f"is likely too high: lower it. The last good checkpoint was kept")
+    return mean
+
+
+def check_weights(model, step, lr, flag="--lr"):
+    """Refuse to checkpoint or evaluate non-finite weights (one host sync)."""
+    ok = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all().item()
+    if not ok:
+        raise Diverged(f"the weights hold NaN/inf at step {step}; the learning rate {flag} {lr:g} is likely too "
+                       f"high: lower it. The last good checkpoint was kept")
 
 
 # ---------------------------------------------------------------- models ----
@@ -111,15 +371,44 @@ def build_network(task, model_kind, preset=None, conditional=None):
     cd = task.cond_dim if conditional else 0
     if preset == "mlp" or task.kind == "points":
         return TimeMLP(dim=2, hidden=256, depth=3, num_classes=nc, cond_dim=cd)
-    return unet_from_preset(preset, task.image_size, task.channels, num_classes=nc, cond_dim=cd)
+    try:
+        return unet_from_preset(preset, task.image_size, task.channels, num_classes=nc, cond_dim=cd)
+    except ValueError as e:
+        raise UsageError(f"--preset: {e}") from None
 
 
 def build_process(task, model_kind, schedule="linear"):
-    return DDPM(task.ddpm_steps, schedule) if model_kind == "ddpm" else RectifiedFlow()
+    try:
+        return DDPM(task.ddpm_steps, schedule) if model_kind == "ddpm" else RectifiedFlow()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def default_base_path(task_name, model_kind):
     return os.path.join("runs", "pretrain", f"{task_name}-{model_kind}", "ckpt.pt")
+
+
+def ensure_base(path, task, model_kind, seed=0, device="auto", data_dir=None):
+    """The reference checkpoint: ``path`` if given, else the task's default, which is pretrained
+    first by running ``python pretrain.py`` (scripts never import each other) when absent."""
+    if path:
+        return path
+    path = default_base_path(task.name, model_kind)
+    if os.path.isfile(path):
+        return path
+    argv = ["--task", task.name, "--model", model_kind, "--out", os.path.dirname(path), "--seed", str(seed),
+            "--device", device] + (["--data-dir", data_dir] if data_dir else [])
+    print(f"no reference model at {path}: pretraining it first with {task.name}'s default budget "
+          f"(python pretrain.py {' '.join(argv)})", flush=True)
+    rc = run_script("pretrain.py", argv)
+    if rc != 0 or not os.path.isfile(path):
+        raise UsageError(f"pretraining the reference failed (exit {rc}, see above); fix that, or pass --base")
+    return path
+
+
+def run_script(name, argv):
+    """Run one of the top-level scripts as its own process; returns its exit code."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, name), *argv]).returncode
 
 
 def load_base(path, device):
@@ -142,117 +431,25 @@ def wrap_net(model, bf16=False, compile=False):
     return call
 
 
-# ---------------------------------------------------------------- data ----
-class Batches:
-    """Endless shuffled minibatches. Tensor datasets are indexed directly on the device (no
-    DataLoader overhead); file datasets go through a DataLoader with workers. Resumable."""
-
-    def __init__(self, dataset, batch_size, device, seed=0, workers=2):
-        self.device, self.bs = device, batch_size
-        self.g = torch.Generator().manual_seed(seed)
-        self.tensors = [t.to(device) for t in dataset.tensors] if hasattr(dataset, "tensors") else None
-        self.dataset, self.workers = dataset, workers
-        if len(dataset) < 1:
-            raise DataError("the dataset is empty; check --data-dir")
-        self._it = None
-
-    def state(self):
-        return self.g.get_state()
-
-    def set_state(self, s):
-        self.g.set_state(s)
-
-    def __next__(self):
-        if self.tensors is not None:
-            idx = torch.randint(len(self.tensors[0]), (self.bs,), generator=self.g).to(self.device)
-            return tuple(t[idx] for t in self.tensors)
-        if self._it is None:
-            sampler = torch.utils.data.RandomSampler(self.dataset, replacement=True, num_samples=10 ** 12,
-                                                     generator=self.g)
-            loader = torch.utils.data.DataLoader(self.dataset, self.bs, sampler=sampler, num_workers=self.workers,
-                                                 drop_last=True, persistent_workers=self.workers > 0)
-            self._it = iter(loader)
-        return tuple(t.to(self.device, non_blocking=True) for t in next(self._it))
+def n_params(model):
+    return f"{count_params(model) / 1e6:.3f}M"
 
 
-# ---------------------------------------------------------------- training ----
-def lr_at(step, total, lr, schedule="cosine", warmup=100):
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    if schedule == "constant":
-        return lr
-    return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-
-def train(model, loss_fn, steps, lr, out, args, process, start_step=0, ema=None, opt=None, schedule="cosine",
-          warmup=100, grad_clip=1.0, ckpt_every=1000, log=None, on_eval=None, eval_every=0, extra_state=None,
-          desc="train"):
-    """A plain AdamW loop: ``loss_fn(step) -> scalar``; EMA, clipping, LR schedule, periodic
-    checkpoints (OUT/ckpt.pt, atomic) and evals. Returns (final smoothed loss, ema, opt)."""
+# ---------------------------------------------------------------- sampling and pictures ----
+def progress(iterable, desc, total=None):
+    """tqdm when stderr is a terminal, silent otherwise."""
     from tqdm import tqdm
-    opt = opt or torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    ema = ema or EMA(model, args.ema_decay if hasattr(args, "ema_decay") else 0.999)
-    model.train()
-    smooth, losses = None, []
-    bar = tqdm(range(start_step, steps), desc=desc, initial=start_step, total=steps, mininterval=2,
-               disable=not sys.stderr.isatty() and os.environ.get("PGRAFT_TQDM") != "1")
-
-    def checkpoint(step):
-        save_checkpoint(os.path.join(out, "ckpt.pt"), model, process, ema, opt, step, args,
-                        extra=extra_state() if extra_state else None)
-
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, lr, schedule, warmup)
-        loss = loss_fn(step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        opt.step()
-        ema.update(model)
-        losses.append(loss.detach())
-        if (step + 1) % 100 == 0 or step + 1 == steps:
-            mean = torch.stack(losses).mean().item()  # one host sync per 100 steps
-            losses.clear()
-            smooth = mean
-            bar.set_postfix(loss=f"{mean:.4f}")
-            if log:
-                log(step=step + 1, loss=mean, lr=opt.param_groups[0]["lr"])
-        if ckpt_every and (step + 1) % ckpt_every == 0 and step + 1 < steps:
-            checkpoint(step + 1)
-        if on_eval and eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
-            model.eval()
-            on_eval(step + 1, ema.model)
-            model.train()
-    if losses:
-        smooth = torch.stack(losses).mean().item()
-    checkpoint(steps)
-    model.eval()
-    return smooth, ema, opt
+    return tqdm(iterable, desc=desc, total=total, mininterval=2, disable=not sys.stderr.isatty())
 
 
-def resume_state(path, model, ema, opt):
-    """Load weights, EMA, optimiser and RNG from a checkpoint; returns (step, extra)."""
-    ckpt = load_checkpoint(path)
-    model.load_state_dict(ckpt["model"])
-    if ckpt.get("ema") is not None:
-        ema.load_state_dict(ckpt["ema"])
-    if ckpt.get("optimizer") is not None:
-        opt.load_state_dict(ckpt["optimizer"])
-    set_rng_state(ckpt["rng"])
-    return ckpt["step"], ckpt.get("extra") or {}
-
-
-# ---------------------------------------------------------------- sampling ----
 def generate(model, process, task, n, gen, batch_size=1000, y=None, num_steps=None, eta=1.0, flow_method="euler",
-             progress=False):
+             show_progress=False):
     """n samples from a model with the task's default sampler: DDPM ancestral (eta=1) over
     ``num_steps`` (default task.sample_steps) or Euler over task.flow_steps. Returns CPU tensor."""
-    from tqdm import tqdm
     dev = next(model.parameters()).device if isinstance(model, torch.nn.Module) else gen.device
     out = []
-    for i in tqdm(range(0, n, batch_size), desc="sample", disable=not progress, mininterval=2):
+    starts = range(0, n, batch_size)
+    for i in (progress(starts, "sample") if show_progress else starts):
         b = min(batch_size, n - i)
         yb = y[i:i + b] if y is not None else None
         z = torch.randn((b, *task.shape()), generator=gen, device=dev)
@@ -292,7 +489,3 @@ def plot_points(sets, path, title="", background=None):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def n_params(model):
-    return f"{count_params(model) / 1e6:.3f}M"

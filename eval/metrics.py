@@ -1,29 +1,45 @@
-"""Task metrics that need no network (toy2d): exact mode weights and a distribution distance."""
+"""Task metrics that need no network (they live in tasks.py, which must not import eval/; re-exported
+here) and the evaluation of a fine-tuned model's samples that GRAFT, P-GRAFT and the benchmarks share."""
 import torch
 
+from tasks import mode_tv, sliced_wasserstein, toy2d_metrics
 
-def mode_tv(x, toy):
-    """Total-variation distance between the model's mode-assignment histogram and the true weights."""
-    k = toy.assign(x)
-    hist = torch.bincount(k, minlength=len(toy.weights)).double() / len(k)
-    return 0.5 * (hist - toy.weights).abs().sum().item(), hist
+__all__ = ["mode_tv", "sliced_wasserstein", "toy2d_metrics", "evaluate_samples", "FID"]
 
 
-def sliced_wasserstein(x, y, n_proj=256, seed=0):
-    """Sliced 2-Wasserstein distance between two equal-size point clouds (exact per projection)."""
-    g = torch.Generator().manual_seed(seed)
-    d = torch.randn(x.shape[1], n_proj, generator=g, dtype=torch.float64)
-    d = d / d.norm(dim=0, keepdim=True)
-    px, _ = (x.double().cpu() @ d).sort(0)
-    py, _ = (y.double().cpu() @ d).sort(0)
-    return (px - py).pow(2).mean().sqrt().item()
+@torch.no_grad()
+def evaluate_samples(x, y, reward, task, eval_samples, fid=None, target=None, batch_size=1000):
+    """Numbers of one evaluation of samples ``x`` (conditions ``y``): reward mean/std over all of x,
+    the reward's own metrics (classifier accuracy) on the first ``eval_samples``, toy2d's mode
+    metrics and the TV to an exact tilted ``target`` of mode weights, and FID when ``fid`` is an FID
+    callable (its sample count is its own)."""
+    from rewards import score
+    r = score(reward, x, y, batch_size)
+    out = dict(reward_mean=r.mean().item(), reward_std=r.std().item() if len(r) > 1 else 0.0)
+    out.update(reward.metrics(x[:eval_samples], y[:eval_samples] if y is not None else None))
+    if task.name == "toy2d":
+        m = task.metrics(x)
+        out.update(mode_tv=m["mode_tv"], sw2=m["sw2"], mode_hist=m["mode_hist"])
+        if target is not None:
+            hist = torch.tensor(m["mode_hist"], dtype=torch.float64)
+            out["tilt_tv"] = 0.5 * (hist - target).abs().sum().item()
+    if fid is not None:
+        out["fid"] = fid(x)
+    return out
 
 
-def toy2d_metrics(x, toy, seed=12345):
-    """mode_tv and sliced W2 against a fresh sample of the true mixture of the same size."""
-    x = x.detach().double().cpu()
-    finite = torch.isfinite(x).all(1)
-    tv, hist = mode_tv(x[finite], toy)
-    ref = toy.sample(len(x), torch.Generator().manual_seed(seed)).double()
-    return dict(mode_tv=tv, sw2=sliced_wasserstein(x[finite], ref[: int(finite.sum())]),
-                mode_hist=[round(v, 4) for v in hist.tolist()], nonfinite=int((~finite).sum()))
+class FID:
+    """FID of image samples against the task's training split; the Inception network and the
+    reference statistics load on the first call (cached on disk by eval/fid.py)."""
+
+    def __init__(self, task, samples, device, data_dir=None):
+        self.task, self.samples, self.device, self.data_dir = task, samples, device, data_dir
+        self._eval = self._ref = None
+
+    def __call__(self, x):
+        from eval.fid import FIDEvaluator, frechet_distance
+        if self._eval is None:
+            self._eval = FIDEvaluator(device=str(self.device))
+            self._ref = self._eval.reference_stats(self.task.name, split="train", data_dir=self.data_dir)
+        mu, sigma, _ = self._eval.stats(x[:self.samples])
+        return float(frechet_distance(mu, sigma, *self._ref))

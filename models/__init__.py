@@ -3,4 +3,5 @@ from .checkpoint import (EMA, CheckpointError, build_process, load_checkpoint, m
                          save_checkpoint)
 from .diffusion import DDPM
 from .flow import RectifiedFlow
-from .unet import PRESETS, TimeMLP, UNet, build_model, count_params, unet_from_preset
+from .optim import lr_at
+from .unet import PRESETS, TimeMLP, UNet, build_model, count_params, drop_conditions, unet_from_preset

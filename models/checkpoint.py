@@ -5,7 +5,7 @@ A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so i
 temporary file in the same folder and moved into place with ``os.replace`` so a crash mid-write
 never leaves a truncated checkpoint where a good one was.
 """
-import copy
+import glob
 import os
 import random
 
@@ -14,32 +14,12 @@ import torch
 
 from .diffusion import DDPM
 from .flow import RectifiedFlow
+from .optim import EMA  # noqa: F401  (re-exported)
 from .unet import build_model
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, truncated, not ours, or holds pickled objects."""
-
-
-class EMA:
-    """Exponential moving average of a model's parameters (buffers are copied)."""
-
-    def __init__(self, model, decay=0.999):
-        self.decay = decay
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model):
-        ema_p = list(self.model.parameters())
-        torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1 - self.decay)
-        for b_ema, b in zip(self.model.buffers(), model.buffers()):
-            b_ema.copy_(b)
-
-    def state_dict(self):
-        return self.model.state_dict()
-
-    def load_state_dict(self, sd):
-        self.model.load_state_dict(sd)
 
 
 def build_process(config):
@@ -84,10 +64,14 @@ def save_checkpoint(path, model, process=None, ema=None, optimizer=None, step=0,
                 ema=ema.state_dict() if ema is not None else None,
                 optimizer=optimizer.state_dict() if optimizer is not None else None,
                 process=process.config if process is not None else None,
+                ema_step=int(ema.step) if ema is not None else 0,
                 step=int(step), rng=rng_state(), args=_plain(args or {}), extra=_plain(extra or {}))
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
+    for stale in glob.glob(glob.escape(path) + ".tmp.*"):  # left by a writer that was killed mid-write
+        if stale != tmp:
+            os.remove(stale)
     try:
         torch.save(ckpt, tmp)
         os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new, never half
@@ -109,6 +93,10 @@ def load_checkpoint(path, map_location="cpu"):
                               f"delete it and retrain, or point to a good copy") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != "pgraft-1":
         raise CheckpointError(f"{path} is not a pgraft checkpoint (no format tag); pass a file written by this project")
+    missing = [k for k in ("model_config", "model", "step") if k not in ckpt]
+    if missing or not isinstance(ckpt.get("model_config"), dict) or "kind" not in ckpt["model_config"]:
+        raise CheckpointError(f"{path} is an incomplete pgraft checkpoint (missing {', '.join(missing) or 'the model kind'}); "
+                              f"point to a complete checkpoint or retrain")
     return ckpt
 
 
@@ -116,8 +104,13 @@ def model_from_checkpoint(ckpt, device="cpu", use_ema=True):
     """Rebuild (model, process) from a checkpoint dict or path; EMA weights when present."""
     if not isinstance(ckpt, dict):
         ckpt = load_checkpoint(ckpt)
-    model = build_model(ckpt["model_config"])
     weights = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
-    model.load_state_dict(weights)
-    process = build_process(ckpt["process"]) if ckpt.get("process") else None
+    try:
+        model = build_model(ckpt["model_config"])
+        model.load_state_dict(weights)
+        process = build_process(ckpt["process"]) if ckpt.get("process") else None
+    except (ValueError, TypeError, KeyError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"the checkpoint's network or process cannot be rebuilt ({first}); "
+                              f"it was written by another version or is damaged: retrain it") from None
     return model.to(device).eval(), process

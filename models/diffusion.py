@@ -20,7 +20,13 @@ def randn(shape, generator, like):
 
 
 def make_betas(n_steps, schedule):
-    if schedule == "linear":  # Ho et al. 2020, scaled so that any N gives the same abar_N
+    if schedule == "linear":
+        # Ho et al. 2020's betas 1e-4..0.02 at N = 1000, scaled by 1000/N so that the noise per unit of
+        # t = n/N is about the same for any N. abar_N still depends on N (4.0e-5 at N = 1000, 7.7e-6 at
+        # N = 50), and beta_N = 20/N reaches 1 at N = 20 (abar_N = 0): such N are refused.
+        if n_steps <= 20:
+            raise ValueError(f"the linear schedule needs N > 20 steps (beta_N = 20/N must stay below 1), "
+                             f"got N = {n_steps}; use more steps or the cosine schedule")
         scale = 1000.0 / n_steps
         return torch.linspace(scale * 1e-4, scale * 0.02, n_steps, dtype=torch.float64)
     if schedule == "cosine":  # Nichol & Dhariwal 2021

@@ -27,7 +27,8 @@ class RectifiedFlow:
 
     @torch.no_grad()
     def sample(self, model, z, n_steps, y=None, method="euler", return_traj=False, progress=None):
-        """Algorithm 5 (Euler) or Heun from noise z at t=0 to data at t=1. NFE: N (Euler), 2N-1 (Heun)."""
+        """Algorithm 5 (Euler) or Heun from noise z at t=0 to data at t=1. NFE: N (Euler), 2N (Heun: two evaluations
+        per step, the last one at t = 1 included)."""
         h = 1.0 / n_steps
         x, traj = z, [z]
         ks = range(n_steps)
@@ -59,6 +60,8 @@ class RectifiedFlow:
         when h·Lip(v) < 1. Returns (z, residual), residual (B,) = the largest over steps of the last
         iteration's update norm ||y_{i+1} - y_i|| per sample: ~0 when converged, large (or inf/nan)
         when h·L >= 1 and the iteration diverged. No host syncs."""
+        if n_fixed < 1:
+            raise ValueError(f"n_fixed must be >= 1 (fixed-point iterations per step), got {n_fixed}")
         h = 1.0 / n_steps
         residual = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
         js = range(n_steps)

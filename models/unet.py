@@ -63,6 +63,17 @@ class CondEmbedding(nn.Module):
         return 0.0
 
 
+def drop_conditions(y, p, generator):
+    """Replace each condition by the null one with probability p (classifier-free guidance training,
+    Ho & Salimans 2022): label -1, or the all-zero attribute vector. No-op for p = 0 or y None."""
+    if y is None or p <= 0:
+        return y
+    drop = torch.rand(y.shape[0], generator=generator, device=y.device) < p
+    if y.dtype == torch.long:
+        return torch.where(drop, torch.full_like(y, -1), y)
+    return y * (~drop).to(y.dtype).reshape(-1, *([1] * (y.dim() - 1)))
+
+
 class ResBlock(nn.Module):
     def __init__(self, cin, cout, temb, dropout):
         super().__init__()

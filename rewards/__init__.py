@@ -16,7 +16,7 @@ under runs/rewards/ and train it first (saying so) when it is missing.
 """
 import torch
 
-from common import UsageError
+from tasks import UsageError
 
 
 class Reward:
@@ -102,6 +102,14 @@ def _after_colon(name, cast, what):
         return cast(name.split(":", 1)[1])
     except ValueError:
         raise UsageError(f"cannot read reward {name!r}: expected {what}") from None
+
+
+@torch.no_grad()
+def score(reward, x, y=None, batch_size=1000):
+    """The reward of every sample, in batches of ``batch_size``; a non-finite value stops the run."""
+    out = [reward(x[i:i + batch_size], y[i:i + batch_size] if y is not None else None)
+           for i in range(0, len(x), batch_size)]
+    return check_finite(torch.cat(out), reward.name)
 
 
 def check_finite(r, name):

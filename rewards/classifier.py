@@ -12,16 +12,18 @@ reports its held-out accuracy (MNIST test split, CelebA val split). The rewards:
 
 A reward whose checkpoint is missing trains it first with the defaults below, saying so.
 """
+import argparse
+import math
 import os
+import sys
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import common
-from models import CheckpointError, load_checkpoint, save_checkpoint
-from tasks import get_task
+from models import CheckpointError, load_checkpoint, lr_at, save_checkpoint
+from tasks import Batches, DataError, UsageError, get_task
 
 from . import Reward
 
@@ -63,8 +65,9 @@ def heldout_accuracy(model, data, device, multilabel, batch_size=500, limit=None
     """Accuracy on a held-out dataset: top-1 (digits) or mean per-attribute (CelebA)."""
     model.eval()
     n = min(len(data), limit or len(data))
-    if hasattr(data, "tensors"):
-        batches = ((data.tensors[0][i:i + batch_size], data.tensors[1][i:i + batch_size]) for i in range(0, n, batch_size))
+    if hasattr(data, "tensors"):  # slices stop at n: exactly n images are scored and divided by
+        batches = ((data.tensors[0][i:min(i + batch_size, n)], data.tensors[1][i:min(i + batch_size, n)])
+                   for i in range(0, n, batch_size))
     else:
         sub = torch.utils.data.Subset(data, range(n))
         batches = torch.utils.data.DataLoader(sub, batch_size, num_workers=2)
@@ -80,7 +83,7 @@ def train_classifier(task_name, out=None, steps=None, batch_size=None, lr=None, 
                      seed=0, heldout_limit=None):
     """Train the task's reward classifier on its train split; returns the saved checkpoint's summary."""
     if task_name not in SETTINGS:
-        raise common.UsageError(f"no reward classifier for task {task_name!r}; choose from {', '.join(SETTINGS)}")
+        raise UsageError(f"no reward classifier for task {task_name!r}; choose from {', '.join(SETTINGS)}")
     s = SETTINGS[task_name]
     task = get_task(task_name)
     device = torch.device(device)
@@ -92,17 +95,18 @@ def train_classifier(task_name, out=None, steps=None, batch_size=None, lr=None, 
     multilabel = task_name == "celeba"
     attr_names = list(getattr(data, "attr_names", []))
     model = Classifier(task.channels, task.image_size, s["outputs"], s["width"]).to(device)
-    common.print_derived(f"reward classifier for {task_name}", device=device, parameters=common.n_params(model),
-                         train_examples=len(data), heldout=f"{s['heldout']} ({len(heldout)})", steps=steps,
-                         batch_size=batch_size, epochs=f"{steps * batch_size / len(data):.2f}", out=out)
-    batches = common.Batches(data, batch_size, device, seed=seed)
+    print(f"== reward classifier for {task_name}: device {device}, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.3f}M parameters, {len(data)} train examples, "
+          f"held-out {s['heldout']} ({len(heldout)}), {steps} steps of batch {batch_size} "
+          f"({steps * batch_size / len(data):.2f} epochs), out {out}")
+    batches = Batches(data, batch_size, device, seed=seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     t0 = time.time()
     model.train()
     running = []
     for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = common.lr_at(step, steps, lr, "cosine", warmup=min(50, steps // 10))
+            group["lr"] = lr_at(step, steps, lr, "cosine", warmup=min(50, steps // 10))
         x, y = next(batches)
         logits = model(x)
         loss = (F.binary_cross_entropy_with_logits(logits, (y > 0).float()) if multilabel
@@ -112,8 +116,11 @@ def train_classifier(task_name, out=None, steps=None, batch_size=None, lr=None, 
         opt.step()
         running.append(loss.detach())
         if (step + 1) % 200 == 0 or step + 1 == steps:
-            print(f"   step {step + 1}/{steps}: loss {torch.stack(running).mean().item():.4f} "
-                  f"({time.time() - t0:.0f}s)", flush=True)
+            mean = torch.stack(running).mean().item()  # one host sync per 200 steps
+            if not math.isfinite(mean) or mean > 1e3:
+                raise UsageError(f"the classifier diverged by step {step + 1} (loss {mean:.4g}); the learning "
+                                 f"rate --lr {lr} is likely too high: lower it (nothing was written)")
+            print(f"   step {step + 1}/{steps}: loss {mean:.4f} ({time.time() - t0:.0f}s)", flush=True)
             running.clear()
     acc, n = heldout_accuracy(model, heldout, device, multilabel, limit=heldout_limit)
     what = "mean per-attribute accuracy" if multilabel else "accuracy"
@@ -164,7 +171,7 @@ class DigitReward(Reward):
         if self.target is not None:
             return torch.full((len(x),), self.target, dtype=torch.long, device=x.device)
         if y is None:
-            raise common.UsageError("reward 'digit' scores the requested digit but got no conditions; "
+            raise UsageError("reward 'digit' scores the requested digit but got no conditions; "
                                     "use --reward digit:K for an unconditional model")
         return y.long()
 
@@ -190,7 +197,7 @@ class AttributeReward(Reward):
         if names is not None:
             unknown = [n for n in names if n.lower() not in lookup]
             if unknown:
-                raise common.UsageError(f"unknown CelebA attribute(s) {', '.join(unknown)}; choose from "
+                raise UsageError(f"unknown CelebA attribute(s) {', '.join(unknown)}; choose from "
                                         f"{', '.join(a.lower() for a in table)} (join several with +)")
             self.idx = torch.tensor([lookup[n.lower()] for n in names], device=device)
         self.uses_conditions = names is None
@@ -205,7 +212,7 @@ class AttributeReward(Reward):
             s[:, self.idx] = 1.0
             return s
         if y is None:
-            raise common.UsageError("reward 'attributes' scores the requested attributes but got no conditions; "
+            raise UsageError("reward 'attributes' scores the requested attributes but got no conditions; "
                                     "name them instead, e.g. --reward smiling")
         return y.float().sign()
 
@@ -223,20 +230,51 @@ class AttributeReward(Reward):
 
 
 def main(argv=None):
-    p = common.parser(__doc__.splitlines()[0])
+    """Command line of the classifier (kept here, not in common.py: rewards/ sits below the scripts)."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--task", default="mnist", choices=sorted(SETTINGS), help="which classifier to train")
-    p.add_argument("--out", default=None, help="checkpoint path (default runs/rewards/<task>-classifier.pt)")
-    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default: mnist 800, celeba 6000)")
-    p.add_argument("--batch-size", type=int, default=None, help="minibatch size (default 128)")
-    p.add_argument("--lr", type=float, default=None, help="peak Adam learning rate (default: mnist 2e-3, celeba 1e-3)")
+    p.add_argument("--out", default=None, help="checkpoint path (None: runs/rewards/<task>-classifier.pt)")
+    p.add_argument("--train-steps", type=int, default=None, help="optimiser steps (None: mnist 800, celeba 6000)")
+    p.add_argument("--batch-size", type=int, default=128, help="training minibatch")
+    p.add_argument("--lr", type=float, default=None, help="peak Adam learning rate (None: mnist 2e-3, celeba 1e-3)")
     p.add_argument("--data-dir", default=None, help="where the task's data lies")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and data order")
-    p.add_argument("--heldout-limit", type=int, default=None, help="score only this many held-out images (default all)")
+    p.add_argument("--eval-samples", type=int, default=0, help="held-out images scored for the accuracy (0: all)")
+    p.error = lambda msg: _fail(f"{msg} (see --help)")
     args = p.parse_args(argv)
-    train_classifier(args.task, args.out, args.steps, args.batch_size, args.lr, args.data_dir,
-                     common.pick_device(args.device), args.seed, args.heldout_limit)
+    try:
+        for name in ("train_steps", "batch_size"):
+            v = getattr(args, name)
+            if v is not None and v < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+        if args.eval_samples < 0:
+            raise UsageError(f"--eval-samples must be >= 0 (0: all), got {args.eval_samples}")
+        if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+            raise UsageError(f"--lr must be a finite number > 0, got {args.lr}")
+        out = args.out or default_path(args.task)
+        if os.path.isdir(out):
+            raise UsageError(f"--out {out} is a folder; give the checkpoint's file path, e.g. {out}/classifier.pt")
+        if args.device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        else:
+            try:
+                device = torch.device(args.device)
+            except RuntimeError:
+                raise UsageError(f"--device {args.device!r} is not a device; use cpu, cuda or cuda:N") from None
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise UsageError(f"--device {args.device} asked for CUDA but none is available; use --device cpu")
+        train_classifier(args.task, out, args.train_steps, args.batch_size, args.lr, args.data_dir, device,
+                         args.seed, args.eval_samples or None)
+    except (DataError, CheckpointError, UsageError) as e:
+        _fail(str(e))
+
+
+def _fail(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    main()
