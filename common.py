@@ -412,7 +412,15 @@ def run_script(name, argv):
 
 
 def load_base(path, device):
-    """(model, process, ckpt) of a reference model; EMA weights, frozen."""
+    """(model, process, ckpt) of a reference model; EMA weights, frozen. ``diffusers:PATH_OR_REPO_ID``
+    loads a pretrained diffusers UNet2DModel and maps its scheduler (models/diffusers_unet.py)."""
+    if str(path).startswith("diffusers:"):
+        from models.diffusers_unet import DiffusersError, load
+        try:
+            model, process, ckpt = load(path, device)
+        except DiffusersError as e:
+            raise UsageError(str(e)) from None
+        return model.requires_grad_(False), process, ckpt
     ckpt = load_checkpoint(path)
     model, process = model_from_checkpoint(ckpt, device)
     return model.requires_grad_(False), process, ckpt

@@ -5,6 +5,7 @@ A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so i
 temporary file in the same folder and moved into place with ``os.replace`` so a crash mid-write
 never leaves a truncated checkpoint where a good one was.
 """
+import argparse
 import glob
 import os
 import random
@@ -50,6 +51,8 @@ def set_rng_state(state):
 
 def _plain(obj):
     """Args and extras as JSON-like values so that weights_only loading accepts them."""
+    if isinstance(obj, argparse.Namespace):  # a script's arguments: kept as a dict so --resume can compare them
+        obj = vars(obj)
     if isinstance(obj, dict):
         return {str(k): _plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

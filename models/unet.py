@@ -203,6 +203,9 @@ def build_model(config):
         return UNet(**cfg)
     if kind == "mlp":
         return TimeMLP(**cfg)
+    if kind == "diffusers":  # optional dependency, imported only for such checkpoints
+        from .diffusers_unet import from_config
+        return from_config(config)
     raise ValueError(f"unknown model kind {kind!r}")
 
 

@@ -15,7 +15,7 @@ from scipy import special, stats
 import common
 import graft
 import pretrain
-from graft import AcceptRule, empirical_cdf, kl_proxy, topk_accept_prob
+from rewards.acceptance import AcceptRule, empirical_cdf, kl_proxy, topk_accept_prob
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,7 +25,7 @@ def toy_base(tmp_path_factory):
     out = tmp_path_factory.getbasetemp() / "toy2d_base"
     path = out / "ckpt.pt"
     if not path.exists():
-        pretrain.main(["--steps", "1000", "--ema-decay", "0.99", "--num-samples", "1000", "--out", str(out)])
+        pretrain.main(["--train-steps", "1000", "--ema-decay", "0.99", "--eval-samples", "1000", "--out", str(out)])
     return str(path)
 
 
@@ -48,7 +48,7 @@ def exits_2(main, argv, capsys):
     return err
 
 
-TINY = ["--prompts", "50", "--M", "4", "--K", "1", "--train-steps", "20", "--eval-num", "200", "--steps", "10"]
+TINY = ["--prompts", "50", "--M", "4", "--K", "1", "--train-steps", "20", "--eval-samples", "200", "--sample-steps", "10"]
 
 
 # ---------------------------------------------------------------- theory check 1 ----
@@ -106,12 +106,19 @@ def test_accepted_law_is_tilted_reference():
         assert stats.kstest(u, cdf).pvalue < 1e-6, name
 
 
-def test_rejection_sampling_law_and_other_rules():
+@pytest.mark.parametrize("alpha", [1.0, 0.5, 2.0])
+def test_rejection_sampling_law_and_other_rules(alpha):
+    """rs accepts w.p. exp((r - r_max)/alpha): N(0,1) exp(x/alpha) is N(1/alpha, 1). alpha != 1 separates r/alpha
+    from the wrong alpha*r (which would give N(alpha, 1))."""
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(100_000, 8, generator=g, dtype=torch.float64)
-    acc = x[AcceptRule("rs", 8, alpha=1.0).select(x, g)]
-    assert stats.kstest(acc.numpy(), stats.norm(loc=1.0).cdf).pvalue > 1e-3  # N(0,1) e^{x} ∝ N(1, 1)
-    assert (x[AcceptRule("threshold", 8, tau=0.5).select(x, g)] >= 0.5).all()
+    x = torch.randn(400_000, 8, generator=g, dtype=torch.float64)
+    acc = x[AcceptRule("rs", 8, alpha=alpha).select(x, g)]
+    assert stats.kstest(acc.numpy(), stats.norm(loc=1 / alpha).cdf).pvalue > 1e-3
+    if alpha != 1:
+        assert stats.kstest(acc.numpy(), stats.norm(loc=alpha).cdf).pvalue < 1e-6
+    mask = AcceptRule("threshold", 8, tau=0.5).select(x, g)
+    assert mask.any() and (x[mask] >= 0.5).all() and (x[~mask] < 0.5).all()
+    assert abs(mask.double().mean().item() - stats.norm.sf(0.5)) < 0.005
     bon = AcceptRule("bon", 8, K=5)
     assert bon.K == 1 and torch.equal(bon.select(x, g), AcceptRule("topk", 8, 1).select(x, g))
 
@@ -121,6 +128,11 @@ def test_empirical_cdf_reshaped_reward_and_kl():
     groups = torch.tensor([0, 0, 0, 1, 1, 1])
     F = empirical_cdf(r, groups)
     assert torch.allclose(F, torch.tensor([5, 1, 3, 5, 1, 3], dtype=torch.float64) / 6)
+    # ties share their mid-rank, whatever the samples' order
+    tied = torch.tensor([1.0, 2.0, 1.0, 1.0, 0.0])
+    assert torch.allclose(empirical_cdf(tied), torch.tensor([2.5, 4.5, 2.5, 2.5, 0.5], dtype=torch.float64) / 5)
+    perm = torch.tensor([3, 0, 4, 2, 1])
+    assert torch.allclose(empirical_cdf(tied[perm]), empirical_cdf(tied)[perm])
     rule = AcceptRule("topk", 3, 1)
     a, r_hat = rule.reshaped(r, groups)
     assert torch.allclose(a, F ** 2) and torch.allclose(r_hat, torch.log(F ** 2))
@@ -138,7 +150,7 @@ def test_graft_toy2d_one_round_matches_analytic_tilt(base, tmp_path):
     # the default reward's u points between modes 5 and 6, modes a briefly trained base fits well, so what is
     # measured is GRAFT's tilt rather than the base's own mode errors (which the tilt multiplies by up to M/K)
     s = graft.main(["--base", base, "--out", str(out), "--rounds", "1", "--reward", "linear", "--prompts", "1500",
-                    "--steps", "50", "--train-steps", "600", "--eval-num", "8000"])
+                    "--sample-steps", "50", "--train-steps", "600", "--eval-samples", "8000"])
     assert s["tilt_tv"] < 0.05, s
     assert s["tilt_tv_base"] > 0.3 and s["reward_final"] > s["reward_base"] + 1.0
     x = np.load(out / "samples.npy")
@@ -183,21 +195,29 @@ def test_rules_and_samplers_run(base, tmp_path, extra):
 
 
 def test_pretrains_base_when_absent(base, tmp_path, monkeypatch, capsys):
+    """No --base and no default checkpoint: pretrain.py runs first, as its own process (scripts never import
+    each other); the second run finds it."""
     calls = []
 
-    def fake_pretrain(argv):
-        calls.append(argv)
+    def fake_run_script(name, argv):
+        calls.append((name, argv))
         out = argv[argv.index("--out") + 1]
         os.makedirs(out, exist_ok=True)
         shutil.copy(base, os.path.join(out, "ckpt.pt"))
+        return 0
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(pretrain, "main", fake_pretrain)
+    monkeypatch.setattr(common, "run_script", fake_run_script)
     s = graft.main(TINY + ["--out", "o"])
-    assert calls and calls[0][:4] == ["--task", "toy2d", "--out", os.path.join("runs", "pretrain", "toy2d-ddpm")]
+    assert calls[0][0] == "pretrain.py"
+    assert calls[0][1][:6] == ["--task", "toy2d", "--model", "ddpm", "--out", os.path.join("runs", "pretrain", "toy2d-ddpm")]
     assert "pretraining it first" in capsys.readouterr().out
     assert s["base"] == os.path.join("runs", "pretrain", "toy2d-ddpm", "ckpt.pt")
     graft.main(TINY + ["--out", "o2"])
     assert len(calls) == 1  # found the second time
+    monkeypatch.setattr(common, "run_script", lambda name, argv: 1)
+    os.remove(os.path.join("runs", "pretrain", "toy2d-ddpm", "ckpt.pt"))
+    with pytest.raises(common.UsageError, match="pretraining the reference failed"):
+        graft.main(TINY + ["--out", "o3"])
 
 
 def test_exit_2_paths(base, tmp_path, capsys, monkeypatch):
@@ -206,6 +226,8 @@ def test_exit_2_paths(base, tmp_path, capsys, monkeypatch):
     assert "--tau" in exits_2(graft.main, ["--base", base, "--accept", "threshold"] + out, capsys)
     assert "unknown reward" in exits_2(graft.main, ["--base", base, "--reward", "nope"] + out, capsys)
     assert "does not exist" in exits_2(graft.main, ["--base", str(tmp_path / "no.pt")] + out, capsys)
+    assert "--sampler ddpm" in exits_2(graft.main, ["--base", base, "--eta", "0.3"] + out, capsys)
+    assert "exceeds the chain" in exits_2(graft.main, ["--base", base, "--sample-steps", "201"] + out, capsys)
     assert "accepted none" in exits_2(graft.main, ["--base", base, "--accept", "threshold", "--tau", "99"] + TINY + out, capsys)
     from rewards.toy2d import LinearReward
     monkeypatch.setattr(LinearReward, "score", lambda self, x, y=None: torch.full((len(x),), float("nan")))
@@ -225,7 +247,8 @@ def test_graft_mnist_fabricated(tmp_path):
     out = tmp_path / "g"
     s = graft.main(["--task", "mnist", "--data-dir", data, "--base", base,
                     "--classifier", clf, "--out", str(out), "--prompts", "10", "--M", "2", "--K", "1",
-                    "--train-steps", "2", "--batch-size", "4", "--eval-num", "10", "--steps", "4", "--rounds", "1"])
+                    "--train-steps", "2", "--batch-size", "4", "--eval-samples", "10", "--sample-steps", "4",
+                    "--rounds", "1"])
     for k in ("fid_base", "fid_final", "accuracy_base", "accuracy_final", "reward_base", "reward_final"):
         assert k in s
     assert s["reward"] == "digit" and s["samples_generated"] == 20
@@ -240,13 +263,29 @@ def test_graft_reports_fid_on_image_tasks(tmp_path, monkeypatch):
     from test_tasks import fake_mnist
     fake_mnist(tmp_path / "mnist.pkl.gz")
     monkeypatch.chdir(tmp_path)  # the FID reference cache goes under ./runs/fid_cache
-    pretrain.main(["--task", "mnist", "--data-dir", str(tmp_path), "--preset", "tiny", "--steps", "3",
-                   "--batch-size", "4", "--out", str(tmp_path / "base"), "--num-samples", "4", "--fid-num", "0"])
+    pretrain.main(["--task", "mnist", "--data-dir", str(tmp_path), "--preset", "tiny",
+                   "--train-steps", "3", "--batch-size", "4", "--out", str(tmp_path / "base"), "--eval-samples", "4",
+                   "--fid-samples", "0"])
     from rewards.classifier import train_classifier
     train_classifier("mnist", out=str(tmp_path / "clf.pt"), steps=5, batch_size=8, data_dir=str(tmp_path))
     s = graft.main(["--task", "mnist", "--data-dir", str(tmp_path), "--base", str(tmp_path / "base" / "ckpt.pt"),
                     "--classifier", str(tmp_path / "clf.pt"), "--out", str(tmp_path / "g"), "--prompts", "2",
-                    "--M", "2", "--K", "1", "--train-steps", "2", "--batch-size", "2", "--eval-num", "4",
-                    "--steps", "3", "--rounds", "1", "--fid-num", "4", "--device", "cpu"])
-    assert s["fid_num"] == 4 and s["fid_base"] > 0 and s["fid_final"] > 0
+                    "--M", "2", "--K", "1", "--train-steps", "2", "--batch-size", "2", "--eval-samples", "4",
+                    "--sample-steps", "3", "--rounds", "1", "--fid-samples", "4", "--device", "cpu"])
+    assert s["fid_samples"] == 4 and s["fid_base"] > 0 and s["fid_final"] > 0
     assert any(f.endswith(".npz") for _, _, fs in os.walk(tmp_path / "runs" / "fid_cache") for f in fs)
+
+
+def test_base_and_finetuned_models_are_evaluated_at_one_precision(base, tmp_path, monkeypatch):
+    """--bf16 wraps every network that samples (reference and fine-tuned EMA) the same way, so "reward base ->
+    final" compares one precision. On the CPU the wrapper is the identity; record what went through it."""
+    wrapped = []
+    real = common.wrap_net
+
+    def recording(model, bf16=False, compile=False):
+        wrapped.append((type(model).__name__, id(model), bf16))
+        return real(model, bf16, compile)
+    monkeypatch.setattr(common, "wrap_net", recording)
+    graft.main(["--base", base, "--out", str(tmp_path / "b"), "--bf16"] + TINY)
+    assert wrapped and all(bf16 for _, _, bf16 in wrapped)
+    assert len({i for _, i, _ in wrapped}) >= 3  # the reference, the fine-tuned model, its EMA copy

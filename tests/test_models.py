@@ -252,3 +252,42 @@ def test_sampling_loops_never_call_item(monkeypatch):
     DDPM(50).sample([(net, 50, 20), (net, 20, 0)], torch.randn(4, 2), generator=torch.Generator(), return_at=[20])
     flow = RectifiedFlow()
     flow.invert(net, flow.sample(net, torch.randn(4, 2), 5, method="heun"), 5, n_fixed=3)
+
+
+def test_linear_schedule_refuses_n_at_or_below_20_and_abar_depends_on_n():
+    from models.diffusion import make_betas
+    for n in (5, 20):
+        with pytest.raises(ValueError, match="N > 20"):
+            DDPM(n, "linear")
+    d21 = DDPM(21)
+    assert torch.isfinite(d21.alpha_bar).all() and d21.alpha_bar[-1] > 0
+    assert abs(DDPM(1000).alpha_bar[-1].item() - 4.0e-5) < 1e-6 and abs(DDPM(50).alpha_bar[-1].item() - 7.7e-6) < 1e-6
+    assert make_betas(1000, "linear")[-1].item() == pytest.approx(0.02)
+    assert torch.isfinite(DDPM(10, "cosine").alpha_bar).all()
+
+
+def test_flow_heun_nfe_and_invert_needs_a_fixed_point_iteration():
+    from models import RectifiedFlow
+    calls = []
+
+    def net(x, t, y=None):
+        calls.append(1)
+        return -x
+    flow = RectifiedFlow()
+    flow.sample(net, torch.zeros(2, 2), 5, method="heun")
+    assert len(calls) == RectifiedFlow.nfe(5, "heun") == 10  # two evaluations per step, 2N
+    with pytest.raises(ValueError, match="n_fixed"):
+        flow.invert(net, torch.zeros(2, 2), 5, n_fixed=0)
+
+
+def test_condition_dropout_uses_the_null_condition():
+    from models import drop_conditions
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(10).repeat(100)
+    d = drop_conditions(y, 0.3, g)
+    dropped = d == -1
+    assert abs(dropped.float().mean().item() - 0.3) < 0.05 and torch.equal(d[~dropped], y[~dropped])
+    a = torch.ones(1000, 40)
+    da = drop_conditions(a, 0.5, g)
+    assert set(da.sum(1).tolist()) == {0.0, 40.0}  # whole rows become the all-zero (null) attribute vector
+    assert drop_conditions(y, 0.0, g) is y and drop_conditions(None, 0.5, g) is None

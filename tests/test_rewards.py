@@ -10,7 +10,7 @@ import torch
 
 import common
 import rewards
-from graft import AcceptRule
+from rewards.acceptance import AcceptRule
 from rewards.toy2d import LinearReward, tilted_mode_weights
 from tasks import TOY, get_task
 
@@ -169,9 +169,37 @@ def test_classifier_cli_runs(tmp_path):
     from rewards import classifier
     data = make_mnist_pickle(str(tmp_path / "mnist"))
     out = str(tmp_path / "c.pt")
-    classifier.main(["--task", "mnist", "--data-dir", data, "--steps", "5", "--out", out, "--device", "cpu"])
+    classifier.main(["--task", "mnist", "--data-dir", data, "--train-steps", "5", "--out", out, "--device", "cpu"])
     assert os.path.isfile(out)
     assert math.isfinite(classifier.load_classifier("mnist", path=out)[1]["accuracy"])
+
+
+def test_heldout_accuracy_scores_exactly_the_limit(tmp_path):
+    """--eval-samples 100 used to score every image of each 500-batch but divide by 100 (accuracy 1.11)."""
+    from rewards import classifier
+    data = make_mnist_pickle(str(tmp_path / "mnist"))
+    ds = get_task("mnist").dataset("test", data)
+    model = classifier.Classifier()
+    full, n_full = classifier.heldout_accuracy(model, ds, "cpu", False, batch_size=7)
+    acc, n = classifier.heldout_accuracy(model, ds, "cpu", False, batch_size=7, limit=10)
+    assert n == 10 and 0 <= acc <= 1 and n_full == len(ds)
+    x, y = ds.tensors[0][:10], ds.tensors[1][:10]
+    assert acc == pytest.approx((model(x).argmax(1) == y).float().mean().item())
+
+
+def test_classifier_cli_refuses_bad_input_and_divergence(tmp_path, capsys):
+    from rewards import classifier
+    data = make_mnist_pickle(str(tmp_path / "mnist"))
+    out = str(tmp_path / "c.pt")
+    for argv, words in [(["--lr", "inf"], "--lr"), (["--train-steps", "0"], "--train-steps"),
+                        (["--out", str(tmp_path)], "is a folder"), (["--device", "tpu9"], "--device"),
+                        (["--lr", "1e9", "--train-steps", "200"], "diverged")]:
+        base = ["--task", "mnist", "--data-dir", data, "--out", out] + ([] if "--device" in argv else ["--device", "cpu"])
+        with pytest.raises(SystemExit) as e:
+            classifier.main(base + argv)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and err.startswith("error:") and "\n" not in err and words in err, (argv, err)
+    assert not os.path.exists(out)  # nothing was written, the diverged run included
 
 
 def tiny_mnist_setup(tmp_path, n=120, clf_steps=10):
@@ -179,8 +207,8 @@ def tiny_mnist_setup(tmp_path, n=120, clf_steps=10):
     import pretrain
     from rewards.classifier import train_classifier
     data = make_mnist_pickle(str(tmp_path / "mnist"), n=n)
-    pretrain.main(["--task", "mnist", "--data-dir", data, "--preset", "tiny", "--steps", "3", "--batch-size", "8",
-                   "--out", str(tmp_path / "base"), "--num-samples", "4", "--fid-num", "0"])
+    pretrain.main(["--task", "mnist", "--data-dir", data, "--preset", "tiny", "--train-steps", "3", "--batch-size", "8",
+                   "--out", str(tmp_path / "base"), "--eval-samples", "4", "--fid-samples", "0"])
     clf = str(tmp_path / "clf.pt")
     train_classifier("mnist", out=clf, steps=clf_steps, batch_size=16, data_dir=data)
     return data, str(tmp_path / "base" / "ckpt.pt"), clf

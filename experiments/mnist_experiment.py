@@ -1,7 +1,7 @@
 """MNIST experiment: base vs GRAFT vs P-GRAFT (N_I sweep) at equal numbers of generated samples.
 
-    python -m eval.mnist_experiment --device cuda          # the benchmark (one GPU)
-    python -m eval.mnist_experiment --quick                # CPU: the whole pipeline with a tiny base, small budgets
+    python -m experiments.mnist_experiment --device cuda      # the benchmark (one GPU)
+    python -m experiments.mnist_experiment --quick            # CPU: the whole pipeline, tiny base, small budgets
 
 Class-conditional MNIST; reward r = log p(requested digit | image) from the project's classifier
 (rewards/classifier.py, trained first if runs/rewards/mnist-classifier.pt is missing). The base is
@@ -19,15 +19,15 @@ import graft
 import pgraft
 import pretrain
 
-FULL = dict(prompts=500, M=8, K=2, rounds=2, train_steps=500, batch_size=128, lr=2e-4, eval_num=2000, steps=100,
-            n_i="0.1,0.25,0.5", fid_num=-1)
-QUICK = dict(prompts=20, M=4, K=1, rounds=1, train_steps=30, batch_size=32, lr=2e-4, eval_num=100, steps=20,
-             n_i="0.25,0.5", fid_num=0)
+FULL = dict(prompts=500, M=8, K=2, rounds=2, train_steps=500, batch_size=128, lr=2e-4, eval_samples=2000,
+            sample_steps=100, n_i="0.1,0.25,0.5", fid_samples=-1)
+QUICK = dict(prompts=20, M=4, K=1, rounds=1, train_steps=30, batch_size=32, lr=2e-4, eval_samples=100,
+             sample_steps=20, n_i="0.25,0.5", fid_samples=0)
 QUICK_BASE_STEPS = 150  # --quick: a tiny UNet pretrained this many steps (a pipeline check, not a benchmark)
 
 
 def get_args(argv=None):
-    p = common.parser(__doc__.splitlines()[0])
+    p = common.Parser(__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help=f"CPU setting: tiny base ({QUICK_BASE_STEPS} steps), 80 samples "
                    "per method; checks the pipeline, its numbers mean little")
     p.add_argument("--out", default=None, help="output folder (default runs/mnist_experiment[_quick])")
@@ -52,10 +52,12 @@ def main(argv=None):
         base = os.path.join(out, "base", "ckpt.pt")
         if not os.path.isfile(base):
             print(f"--quick: pretraining a tiny class-conditional MNIST base into {os.path.dirname(base)}")
-            pretrain.main(["--task", "mnist", "--preset", "tiny", "--steps", str(QUICK_BASE_STEPS), "--batch-size", "32", "--out",
-                           os.path.dirname(base), "--fid-num", "0", "--device", args.device, "--seed", str(args.seed)] + data)
+            pretrain.main(["--task", "mnist", "--preset", "tiny", "--train-steps", str(QUICK_BASE_STEPS),
+                           "--batch-size", "32", "--out", os.path.dirname(base), "--fid-samples", "0",
+                           "--device", args.device, "--seed", str(args.seed)] + data)
     shared = ["--task", "mnist", "--seed", str(args.seed), "--device", args.device] + data + (["--base", base] if base else [])
-    for k in ("prompts", "M", "K", "rounds", "train_steps", "batch_size", "lr", "eval_num", "steps", "fid_num"):
+    for k in ("prompts", "M", "K", "rounds", "train_steps", "batch_size", "lr", "eval_samples", "sample_steps",
+              "fid_samples"):
         shared += [f"--{k.replace('_', '-')}", str(cfg[k])]
     print(f"== MNIST experiment ({'quick' if args.quick else 'full'}): {cfg}")
     g = graft.main(shared + ["--out", os.path.join(out, "graft")])

@@ -1,0 +1,67 @@
+"""The project's layout rules, asserted: imports go one way (models <- tasks <- rewards, eval <- common <- scripts
+<- experiment drivers) and no script imports another script."""
+import ast
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = {"pretrain", "graft", "pgraft", "inverse_noise"}
+# what each layer may import of ours (itself included)
+ALLOWED = {
+    "models": {"models"},
+    "tasks": {"models", "tasks"},
+    "rewards": {"models", "tasks", "rewards"},
+    "eval": {"models", "tasks", "rewards", "eval"},
+    "common": {"models", "tasks", "rewards", "eval", "common"},
+    "script": {"models", "tasks", "rewards", "eval", "common"},
+    "experiments": {"models", "tasks", "rewards", "eval", "common", "experiments"} | SCRIPTS,
+}
+OURS = {"models", "tasks", "rewards", "eval", "common", "experiments"} | SCRIPTS
+
+
+def layer_of(rel):
+    top = rel.split(os.sep)[0]
+    name = top[:-3] if top.endswith(".py") else top
+    return "script" if name in SCRIPTS else name
+
+
+def imports_of(path):
+    """Top-level names of every import in the file, function-level ones included; relative imports count as
+    the file's own package."""
+    tree = ast.parse(open(path).read(), path)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                yield a.name.split(".")[0]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                yield None
+            elif node.module:
+                yield node.module.split(".")[0]
+
+
+def project_files():
+    for d, dirs, files in os.walk(ROOT):
+        dirs[:] = [x for x in dirs if not x.startswith(".") and x not in ("tests", "runs", "docs", "__pycache__")]
+        for f in files:
+            if f.endswith(".py"):
+                yield os.path.relpath(os.path.join(d, f), ROOT)
+
+
+def test_imports_go_one_way():
+    bad = []
+    files = list(project_files())
+    assert {"graft.py", "pgraft.py", "pretrain.py", "inverse_noise.py", "common.py", "tasks.py"} <= set(files)
+    for rel in files:
+        layer = layer_of(rel)
+        assert layer in ALLOWED, f"{rel}: no layer rule for it"
+        for name in imports_of(os.path.join(ROOT, rel)):
+            if name is not None and name in OURS and name not in ALLOWED[layer]:
+                bad.append(f"{rel} imports {name}")
+    assert not bad, bad
+
+
+def test_the_checker_catches_a_wrong_import(tmp_path):
+    p = tmp_path / "x.py"
+    p.write_text("def f():\n    import graft\nfrom common import fail\n")
+    assert sorted(imports_of(str(p))) == ["common", "graft"]
+    assert "graft" not in ALLOWED["script"] and "common" not in ALLOWED["rewards"]
