@@ -369,7 +369,9 @@ def build_network(task, model_kind, preset=None, conditional=None):
     conditional = task.conditional if conditional is None else conditional
     nc = task.num_classes if conditional else 0
     cd = task.cond_dim if conditional else 0
-    if preset == "mlp" or task.kind == "points":
+    if task.kind == "points":
+        if preset != "mlp":  # an unknown or image preset used to be ignored silently
+            raise UsageError(f"--preset {preset!r}: the {task.name} network is the 2-D MLP; use --preset mlp")
         return TimeMLP(dim=2, hidden=256, depth=3, num_classes=nc, cond_dim=cd)
     try:
         return unet_from_preset(preset, task.image_size, task.channels, num_classes=nc, cond_dim=cd)
@@ -399,8 +401,13 @@ def ensure_base(path, task, model_kind, seed=0, device="auto", data_dir=None):
     argv = ["--task", task.name, "--model", model_kind, "--out", os.path.dirname(path), "--seed", str(seed),
             "--device", device] + (["--data-dir", data_dir] if data_dir else [])
     print(f"no reference model at {path}: pretraining it first with {task.name}'s default budget "
-          f"(python pretrain.py {' '.join(argv)})", flush=True)
-    rc = run_script("pretrain.py", argv)
+          f"(python pretrain.py {' '.join(argv)}). Faster routes: --base PATH to a checkpoint you have, "
+          f"--base diffusers:PATH_OR_REPO_ID for a pretrained diffusers UNet2DModel, or pretrain a smaller "
+          f"model yourself (python pretrain.py --task {task.name} --preset tiny --train-steps 2000) and "
+          f"pass it with --base. What the pretraining costs here:", flush=True)
+    rc = run_script("pretrain.py", argv + ["--dry-run"])
+    if rc == 0:
+        rc = run_script("pretrain.py", argv)
     if rc != 0 or not os.path.isfile(path):
         raise UsageError(f"pretraining the reference failed (exit {rc}, see above); fix that, or pass --base")
     return path
@@ -411,7 +418,7 @@ def run_script(name, argv):
     return subprocess.run([sys.executable, os.path.join(ROOT, name), *argv]).returncode
 
 
-def load_base(path, device):
+def load_base(path, device, task=None):
     """(model, process, ckpt) of a reference model; EMA weights, frozen. ``diffusers:PATH_OR_REPO_ID``
     loads a pretrained diffusers UNet2DModel and maps its scheduler (models/diffusers_unet.py)."""
     if str(path).startswith("diffusers:"):
@@ -422,6 +429,13 @@ def load_base(path, device):
             raise UsageError(str(e)) from None
         return model.requires_grad_(False), process, ckpt
     ckpt = load_checkpoint(path)
+    if task is not None:  # a model of another task (or network kind) is refused before it meets the task's data
+        cfg, made_for = ckpt["model_config"], (ckpt.get("args") or {}).get("task")
+        fits = (cfg.get("kind") == "mlp" and cfg.get("dim") == 2) if task.kind == "points" else \
+            (cfg.get("kind") == "unet" and cfg.get("in_ch") == task.channels)
+        if made_for not in (None, task.name) or not fits:
+            raise UsageError(f"{path} is a model of task {made_for or '?'} ({cfg.get('kind')} network), not of "
+                             f"{task.name}; pass --task {made_for or '...'} or a {task.name} base")
     model, process = model_from_checkpoint(ckpt, device)
     return model.requires_grad_(False), process, ckpt
 
@@ -444,10 +458,34 @@ def n_params(model):
 
 
 # ---------------------------------------------------------------- sampling and pictures ----
-def progress(iterable, desc, total=None):
-    """tqdm when stderr is a terminal, silent otherwise."""
-    from tqdm import tqdm
-    return tqdm(iterable, desc=desc, total=total, mininterval=2, disable=not sys.stderr.isatty())
+PROGRESS_EVERY_S = 30  # without a terminal, a long loop prints one progress line this often
+
+
+def progress(iterable, desc, total=None, every_s=None):
+    """tqdm when stderr is a terminal; otherwise a plain line on stderr every ``every_s`` seconds
+    (PROGRESS_EVERY_S), so logs of batch jobs show a long loop moving."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+        return tqdm(iterable, desc=desc, total=total, mininterval=2)
+    return _lines(iterable, desc, total if total is not None else _len(iterable), every_s or PROGRESS_EVERY_S)
+
+
+def _len(iterable):
+    try:
+        return len(iterable)
+    except TypeError:
+        return None
+
+
+def _lines(iterable, desc, total, every_s):
+    t0 = last = time.time()
+    for i, item in enumerate(iterable):
+        now = time.time()
+        if now - last >= every_s:
+            last = now
+            done = f"{i}/{total}" if total else str(i)
+            print(f"{desc}: {done} ({now - t0:.0f} s)", file=sys.stderr, flush=True)
+        yield item
 
 
 def generate(model, process, task, n, gen, batch_size=1000, y=None, num_steps=None, eta=1.0, flow_method="euler",

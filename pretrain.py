@@ -57,6 +57,8 @@ def get_args(argv=None):
                    "steps (0: at the end only)")
     p.add_argument("--eval-every", type=common.nonneg_int, default=0, help="sample grid and metrics every this "
                    "many steps (0: at the end only)")
+    p.add_argument("--dry-run", action="store_true", help="print what the run would do and an estimate of its "
+                   "time on this device (two timed steps), then exit without writing anything")
     args, _ = common.parse(p, argv, TASK_DEFAULTS, MAY_CHANGE)
     if args.fid_samples < -1:
         p.error(f"argument --fid-samples: must be >= -1, got {args.fid_samples}")
@@ -91,6 +93,10 @@ def main(argv=None):
         window = [v.to(device) for v in extra.get("loss_window", torch.zeros(0))]  # losses since the last log
         last_loss = extra.get("last_loss")
         print(f"resumed from {ckpt_path} at step {start}")
+    if args.dry_run:
+        return plan(args, task, device, model, process, batches, gen, conditional, len(data), start)
+    # the first minibatch is read now, so that an unreadable data file fails before --out is touched
+    first = next(batches) if start < args.train_steps else None
     log = common.RunLog(args.out, args, resumed_at=("step", start) if ckpt is not None else None)
     common.print_derived(
         f"pretrain {args.model} on {task.name}", device=device, parameters=common.n_params(model),
@@ -131,7 +137,8 @@ def main(argv=None):
         for step in common.progress(range(start, args.train_steps), f"pretrain {args.model}", args.train_steps):
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, args.train_steps, args.lr, args.lr_schedule, args.warmup)
-            x, y = next(batches)
+            x, y = next(batches) if first is None else first
+            first = None
             y = drop_conditions(y, args.cond_drop, gen) if conditional else None
             with autocast:
                 loss = process.loss(net, x, y, gen)
@@ -180,6 +187,35 @@ def main(argv=None):
     print(f"done: loss {last_loss:.4f}, " + ", ".join(f"{k}={v}" for k, v in summary.items()
                                                       if k in ("mode_tv", "sw2", "fid")) + f"; wrote {args.out}")
     return summary
+
+
+def plan(args, task, device, model, process, batches, gen, conditional, n_data, start):
+    """--dry-run: the run's size and its time on this device, estimated from two timed training steps."""
+    import time
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    model.train()
+    times = []
+    for _ in range(3):  # the first step warms up; the next two are timed
+        t0 = time.time()
+        x, y = next(batches)
+        loss = process.loss(model, x, drop_conditions(y, args.cond_drop, gen) if conditional else None, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.time() - t0)
+    per_step = sum(times[1:]) / 2
+    left = args.train_steps - start
+    common.print_derived(
+        f"plan: pretrain {args.model} on {task.name} (dry run, nothing written)", device=device,
+        parameters=common.n_params(model), preset=args.preset, train_examples=n_data,
+        train_steps=f"{left} of {args.train_steps} left, batch {args.batch_size}",
+        seconds_per_step=f"{per_step:.3f} (timed here)",
+        estimated_time=f"{per_step * left / 60:.1f} min for training, plus sampling {args.eval_samples} "
+                       f"evaluation samples", out=args.out)
+    return dict(dry_run=True, seconds_per_step=per_step, estimated_minutes=per_step * left / 60,
+                train_steps=args.train_steps)
 
 
 if __name__ == "__main__":

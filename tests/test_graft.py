@@ -195,29 +195,37 @@ def test_rules_and_samplers_run(base, tmp_path, extra):
 
 
 def test_pretrains_base_when_absent(base, tmp_path, monkeypatch, capsys):
-    """No --base and no default checkpoint: pretrain.py runs first, as its own process (scripts never import
-    each other); the second run finds it."""
+    """No --base and no default checkpoint: pretrain.py first prints its plan and cost (--dry-run), then runs, as
+    its own process (scripts never import each other); the second graft run finds the base."""
     calls = []
 
     def fake_run_script(name, argv):
         calls.append((name, argv))
-        out = argv[argv.index("--out") + 1]
-        os.makedirs(out, exist_ok=True)
-        shutil.copy(base, os.path.join(out, "ckpt.pt"))
+        if "--dry-run" not in argv:
+            out = argv[argv.index("--out") + 1]
+            os.makedirs(out, exist_ok=True)
+            shutil.copy(base, os.path.join(out, "ckpt.pt"))
         return 0
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(common, "run_script", fake_run_script)
     s = graft.main(TINY + ["--out", "o"])
-    assert calls[0][0] == "pretrain.py"
-    assert calls[0][1][:6] == ["--task", "toy2d", "--model", "ddpm", "--out", os.path.join("runs", "pretrain", "toy2d-ddpm")]
-    assert "pretraining it first" in capsys.readouterr().out
+    assert [c[0] for c in calls] == ["pretrain.py", "pretrain.py"] and calls[0][1][-1] == "--dry-run"
+    assert calls[1][1][:6] == ["--task", "toy2d", "--model", "ddpm", "--out", os.path.join("runs", "pretrain", "toy2d-ddpm")]
+    out = capsys.readouterr().out
+    assert "pretraining it first" in out and "Faster routes" in out and "diffusers:" in out
     assert s["base"] == os.path.join("runs", "pretrain", "toy2d-ddpm", "ckpt.pt")
     graft.main(TINY + ["--out", "o2"])
-    assert len(calls) == 1  # found the second time
+    assert len(calls) == 2  # found the second time
     monkeypatch.setattr(common, "run_script", lambda name, argv: 1)
     os.remove(os.path.join("runs", "pretrain", "toy2d-ddpm", "ckpt.pt"))
     with pytest.raises(common.UsageError, match="pretraining the reference failed"):
         graft.main(TINY + ["--out", "o3"])
+
+
+def test_pretrain_dry_run_prints_the_cost_and_writes_nothing(tmp_path, capsys):
+    s = pretrain.main(["--dry-run", "--out", str(tmp_path / "d"), "--train-steps", "500", "--batch-size", "64"])
+    assert s["dry_run"] and s["seconds_per_step"] > 0 and s["estimated_minutes"] > 0
+    assert "estimated_time" in capsys.readouterr().out and not os.path.exists(tmp_path / "d")
 
 
 def test_exit_2_paths(base, tmp_path, capsys, monkeypatch):
