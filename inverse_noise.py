@@ -54,7 +54,7 @@ TASK_DEFAULTS = {
     "celebahq": IMAGE256, "church": IMAGE256,
 }
 # Flags that may differ between a run and its --resume; all others must match the checkpoint's.
-MAY_CHANGE = ("out", "device", "compile", "data_dir", "sample_batch", "ckpt_every",
+MAY_CHANGE = ("out", "device", "compile", "data_dir", "lr", "sample_batch", "ckpt_every",
               "corrector_sample_steps", "base_sample_steps", "eval_samples", "fid_samples",
               "fid_ref_samples", "inception", "stop_after_chunks")
 LOG_EVERY = 100  # corrector steps per logged loss (one host sync each)

@@ -45,8 +45,9 @@ TASK_DEFAULTS = {
                    ema_decay=0.999, eval_samples=1000, sample_batch=256, lemma_states=16),
     "celebahq": IMAGE, "church": IMAGE,
 }
-# Flags that may differ between a run and its --resume; every other flag must match the checkpoint's.
-MAY_CHANGE = ("out", "device", "compile", "data_dir", "rounds", "eval_samples", "fid_samples", "sample_batch",
+# Flags that may differ between a run and its --resume (--lr: resume a diverged run with a lower one);
+# every other flag must match the checkpoint's.
+MAY_CHANGE = ("out", "device", "compile", "data_dir", "lr", "rounds", "eval_samples", "fid_samples", "sample_batch",
               "lemma_levels", "lemma_states", "lemma_continuations")
 LOG_EVERY = 100  # fine-tuning steps per logged loss (one host sync each)
 
@@ -175,7 +176,7 @@ def main(argv=None):
 
     # ---- the frozen reference and the reward, shared by every N_I; checked before --out is touched
     base_path = common.ensure_base(args.base, task, "ddpm", seed=args.seed, device=args.device, data_dir=args.data_dir)
-    ref, process, base_ckpt = common.load_base(base_path, device)
+    ref, process, base_ckpt = common.load_base(base_path, device, task=task)
     if not isinstance(process, DDPM):
         raise UsageError(f"{base_path} is not a DDPM (process {base_ckpt.get('process')}); P-GRAFT fine-tunes DDPMs")
     if args.sample_steps > process.N:

@@ -27,8 +27,9 @@ TASK_DEFAULTS = {
     "celebahq": dict(preset="base256", train_steps=400_000, batch_size=64, lr=1e-4, eval_samples=64),
     "church": dict(preset="base256", train_steps=400_000, batch_size=64, lr=1e-4, eval_samples=64),
 }
-# Flags that may differ between a run and its --resume; every other flag must match the checkpoint's.
-MAY_CHANGE = ("out", "device", "compile", "data_dir", "ckpt_every", "eval_every", "eval_samples", "fid_samples")
+# Flags that may differ between a run and its --resume (--lr: resume a diverged run with a lower one);
+# every other flag must match the checkpoint's.
+MAY_CHANGE = ("out", "device", "compile", "data_dir", "lr", "ckpt_every", "eval_every", "eval_samples", "fid_samples")
 LOG_EVERY = 100  # steps per logged loss (one host sync each)
 
 

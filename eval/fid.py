@@ -146,6 +146,9 @@ def load_stats(path):
         raise FIDInputError(f'{path}: not a readable .npz ({type(e).__name__}); pass a folder, .npz or task:NAME') from None
     if mu.ndim != 1 or sigma.shape != (mu.shape[0],) * 2:
         raise FIDInputError(f'{path}: mu {mu.shape} and sigma {sigma.shape} do not fit together')
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise FIDInputError(f'{path}: mu or sigma holds NaN/inf; recompute the statistics with '
+                            f'`python -m eval.fid FOLDER --save-stats {path}`')
     return mu, sigma, n
 
 
@@ -192,8 +195,12 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         from PIL import Image
-        with Image.open(self.files[i]) as im:
-            return torch.from_numpy(np.array(im.convert('RGB'))).permute(2, 0, 1)
+        try:
+            with Image.open(self.files[i]) as im:
+                return torch.from_numpy(np.array(im.convert('RGB'))).permute(2, 0, 1)
+        except OSError as e:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+            raise FIDInputError(f'{self.files[i]}: not a readable image ({type(e).__name__}); '
+                                f'remove or replace it') from None
 
 
 def _stack(items):
@@ -307,7 +314,8 @@ class FIDEvaluator:
         """Yield (B, 2048) float32 feature batches on the device; no host sync inside the loop."""
         batches, total = self._batches(source, num_images, generator)
         model = self.model
-        with tqdm(total=total, unit='img', desc='FID features', disable=not self.progress, leave=False) as bar:
+        show = self.progress and sys.stderr.isatty()  # a bar in a log file (or before an error line) is noise
+        with tqdm(total=total, unit='img', desc='FID features', disable=not show, leave=False) as bar:
             for i, x in enumerate(batches):
                 if i == 0 and x.is_floating_point():
                     # one sync, on the first batch only: catch [0, 255] floats passed as [-1, 1]
@@ -392,6 +400,19 @@ class FIDEvaluator:
 
 # ----------------------------------------------------------------------------- CLI
 
+def _count(lo):
+    """argparse type: an integer >= lo."""
+    def check(text):
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'expected an integer, got {text!r}') from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f'must be >= {lo}, got {v}')
+        return v
+    return check
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog='python -m eval.fid', description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -401,35 +422,48 @@ def main(argv=None):
     p.add_argument('--split', choices=('train', 'test'), default='train',
                    help='split used for task:NAME sources (default: train)')
     p.add_argument('--data-dir', default=None, help="where task data lives (default: the task's own source)")
-    p.add_argument('--image-size', type=int, default=None, help="task image size (default: the task's)")
-    p.add_argument('--num-images', type=int, default=None, help='use at most this many images per source')
-    p.add_argument('--batch-size', type=int, default=64, help='images per Inception batch')
+    p.add_argument('--image-size', type=_count(1), default=None, help="task image size (default: the task's)")
+    p.add_argument('--num-images', type=_count(2), default=None, help='use at most this many images per source')
+    p.add_argument('--batch-size', type=_count(1), default=64, help='images per Inception batch')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
                    help='torch device (default: cuda if available)')
     p.add_argument('--bf16', action='store_true',
                    help='on CUDA, run Inception under bf16 autocast: ~3.5x faster, but FID moves; not for reported numbers')
-    p.add_argument('--num-workers', type=int, default=None, help='image decoding workers (default: 8 on CUDA, 0 on CPU)')
+    p.add_argument('--num-workers', type=_count(0), default=None,
+                   help='image decoding workers (default: 8 on CUDA, 0 on CPU)')
     p.add_argument('--inception', default=None, metavar='PATH',
                    help='Inception weights: pytorch-fid pt_inception-2015-12-05-*.pth or NVIDIA TorchScript')
     p.add_argument('--save-stats', default=None, metavar='PATH', help='write the first source\'s statistics to this .npz')
     p.add_argument('--cache-dir', default='runs/fid_cache', help='where task reference statistics are cached')
-    args = p.parse_args(argv)
 
     def fail(msg):
         print(f'error: {msg}', file=sys.stderr)
         raise SystemExit(2)
 
+    p.error = lambda msg: fail(f'{msg} (see --help)')  # one line, not argparse's usage block
+    args = p.parse_args(argv)
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        fail(f'--device {args.device!r} is not a device; use cpu, cuda or cuda:N')
+    if device.type not in ('cpu', 'cuda'):
+        fail(f'--device {args.device}: only cpu and cuda are supported')
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        fail(f'--device {args.device} asked for CUDA but none is available; use --device cpu')
     if len(args.sources) > 2 or (len(args.sources) == 1 and not args.save_stats):
         fail('give two sources to compare (e.g. samples/ task:celeba), or one with --save-stats PATH')
     if args.save_stats and not args.save_stats.endswith('.npz'):
         fail(f'--save-stats {args.save_stats}: the file name must end in .npz')
+    if args.save_stats and os.path.isdir(args.save_stats):
+        fail(f'--save-stats {args.save_stats} is a folder; give the .npz file\'s path')
     ev = FIDEvaluator(args.device, args.inception, args.batch_size, args.cache_dir,
                       bf16=args.bf16, num_workers=args.num_workers)
     kw = dict(split=args.split, image_size=args.image_size, data_dir=args.data_dir)
     try:
         stats = [ev.stats(s, args.num_images, **kw) for s in args.sources]
     except (FIDInputError, InceptionWeightsError) as e:
-        fail(e)
+        # a DataLoader worker re-raises with the worker's traceback in the text: keep the one user-facing line
+        fail(str(e).strip().splitlines()[-1].split('FIDInputError: ', 1)[-1])
     if args.save_stats:
         save_stats(args.save_stats, *stats[0])
         print(f'saved statistics of {args.sources[0]} ({stats[0][2] or "?"} images) to {args.save_stats}',
