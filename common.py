@@ -45,9 +45,12 @@ def fail(msg):
 def run_main(main):
     """Run ``main()``: bad input becomes one line on stderr and exit code 2; a stop signal one line
     and 128 + the signal's number."""
+    quiet = int(os.environ.get("RANK", "0")) != 0  # torchrun: rank 0 speaks for all
     try:
         main()
     except (DataError, CheckpointError, UsageError) as e:
+        if quiet:
+            raise SystemExit(2) from None
         fail(str(e))
     except Interrupted as e:
         print(f"stopped: {e}", file=sys.stderr)
@@ -56,6 +59,11 @@ def run_main(main):
         print("stopped: interrupted (Ctrl-C); rerun the same command with --resume to continue from the last "
               "checkpoint", file=sys.stderr)
         raise SystemExit(130) from None
+    finally:
+        if "torch.distributed" in sys.modules:
+            import torch.distributed as dist
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
 
 
 class StopSignals:
@@ -208,6 +216,95 @@ def generator(seed, device):
     return torch.Generator(device=device).manual_seed(seed)
 
 
+# ---------------------------------------------------------------- torchrun ----
+class Dist:
+    """One process of ``torchrun --nproc_per_node=P`` (NCCL on GPUs, gloo on the CPU), or a plain
+    process as rank 0 of 1. The scripts stay exact under any P: sampling is sharded by whole batches
+    whose noise comes from per-batch generators, and gathered in batch order; every rank holds the
+    same accepted set; each rank trains on its rows of one global batch (DDP averages the gradients);
+    only rank 0 writes or prints."""
+
+    def __init__(self, device):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.device = device
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+        if device.type == "cuda":
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(self.device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if self.rank != 0:  # one voice: rank 0 prints; the others only raise
+            sys.stdout = open(os.devnull, "w")
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def shard(self, n):
+        """This rank's contiguous block [lo, hi) of n items (batches, chunks)."""
+        per, extra = divmod(n, self.world)
+        lo = self.rank * per + min(self.rank, extra)
+        return lo, lo + per + (1 if self.rank < extra else 0)
+
+    def rows(self, batch_size):
+        """This rank's rows of a global training batch (batch_size must divide by the world size)."""
+        per = batch_size // self.world
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+    def gather(self, t):
+        """Every rank's ``t`` concatenated in rank order along dim 0 (their lengths may differ)."""
+        if self.world == 1:
+            return t
+        import torch.distributed as dist
+        n = torch.tensor([t.shape[0]], device=t.device)
+        sizes = [torch.zeros_like(n) for _ in range(self.world)]
+        dist.all_gather(sizes, n)
+        sizes = [int(v) for v in sizes]
+        pad = torch.zeros((max(sizes) - t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
+        parts = [torch.empty((max(sizes), *t.shape[1:]), dtype=t.dtype, device=t.device) for _ in sizes]
+        dist.all_gather(parts, torch.cat([t, pad]))
+        return torch.cat([p[:k] for p, k in zip(parts, sizes)])
+
+    def mean(self, x):
+        """The mean of a scalar tensor over ranks (equal-sized shards: the global mean)."""
+        if self.world == 1:
+            return x
+        import torch.distributed as dist
+        x = x.detach().clone()
+        dist.all_reduce(x)
+        return x / self.world
+
+    def any(self, flag):
+        """True on every rank when ``flag`` is true on some rank (a stop signal seen by one)."""
+        if self.world == 1:
+            return bool(flag)
+        import torch.distributed as dist
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t)
+        return bool(t.item() > 0)
+
+    def wrap(self, model):
+        """DistributedDataParallel under torchrun, the model itself otherwise."""
+        if self.world == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+
+    def barrier(self):
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.barrier()
+
+    def check_batch(self, batch_size, flag="--batch-size"):
+        if batch_size % self.world:
+            raise UsageError(f"{flag} {batch_size} must divide by the {self.world} processes of torchrun; "
+                             f"use a multiple of {self.world}")
+
+
 def print_derived(title, **quantities):
     """Every script prints its derived quantities before it starts working."""
     print(f"== {title}")
@@ -261,6 +358,18 @@ def atomic_save(obj, path):
             os.remove(tmp)
 
 
+RUN_FILES = ("summary.json", "ckpt.pt")  # their presence means a folder holds a run worth keeping
+
+
+def check_fresh(out, resume, names=RUN_FILES):
+    """A rerun into a folder that holds a run must say --resume: never overwrite an earlier run's
+    summary and checkpoints silently."""
+    found = [n for n in names if os.path.exists(os.path.join(out, n))]
+    if found and not resume:
+        raise UsageError(f"--out {out} already holds a run ({', '.join(found)}); pass --resume to continue it, "
+                         f"or another --out (or delete that folder) to start afresh")
+
+
 class RunLog:
     """OUT/args.json at start, OUT/metrics.jsonl one line per log call, OUT/summary.json at the end.
 
@@ -268,8 +377,11 @@ class RunLog:
     run moves an earlier metrics.jsonl to metrics.prev.jsonl; a resumed one drops the rows logged
     after its checkpoint (``resumed_at``), so an interrupted-and-resumed log equals an uninterrupted one."""
 
-    def __init__(self, out, args, resumed_at=None):
-        self.out = out
+    def __init__(self, out, args, resumed_at=None, run_files=RUN_FILES, write=True):
+        check_fresh(out, getattr(args, "resume", False), run_files)
+        self.out, self.write, self.t0 = out, write, time.time()
+        if not write:  # a torchrun rank other than 0: same calls, nothing written
+            return
         os.makedirs(out, exist_ok=True)
         for name in os.listdir(out):  # temporary files of writers that were killed mid-write
             if ".tmp." in name and os.path.isfile(os.path.join(out, name)):
@@ -286,19 +398,21 @@ class RunLog:
             with open(f"{path}.tmp.{os.getpid()}", "w") as f:
                 f.writelines(keep)
             os.replace(f"{path}.tmp.{os.getpid()}", path)
-        self.t0 = time.time()
 
     def path(self, name):
         return os.path.join(self.out, name)
 
     def log(self, **row):
+        if not self.write:
+            return
         row = {"time_s": round(time.time() - self.t0, 2), **row}
         with open(self.path("metrics.jsonl"), "a") as f:
             f.write(json.dumps(strict(row), allow_nan=False) + "\n")
 
     def summary(self, **summary):
         summary = strict({"wall_time_s": round(time.time() - self.t0, 1), **summary})
-        atomic_json(self.path("summary.json"), summary)
+        if self.write:
+            atomic_json(self.path("summary.json"), summary)
         return summary
 
 
@@ -345,10 +459,12 @@ def restore(ckpt, model, ema, opt):
 LOSS_LIMIT = 1e3  # every loss here is a mean squared error of O(1) quantities: 1e3 means it has exploded
 
 
-def check_loss(losses, step, lr, flag="--lr"):
-    """Mean of the logged window of losses (one host sync); a non-finite or exploding value raises
-    Diverged naming the step and the likely cause, before anything is written."""
-    mean = torch.stack(losses).mean().item()
+def check_loss(losses, step, lr, flag="--lr", dist=None):
+    """Mean of the logged window of losses (one host sync; over all ranks under torchrun); a
+    non-finite or exploding value raises Diverged naming the step and the likely cause, before
+    anything is written."""
+    mean = torch.stack(losses).mean()
+    mean = (dist.mean(mean) if dist is not None else mean).item()
     if not math.isfinite(mean) or mean > LOSS_LIMIT:
         raise Diverged(f"training diverged by step {step} (mean loss {mean:.4g}); the learning rate {flag} {lr:g} "
                        f"is likely too high: lower it. The last good checkpoint was kept")
@@ -427,12 +543,16 @@ def load_base(path, device, task=None):
             model, process, ckpt = load(path, device)
         except DiffusersError as e:
             raise UsageError(str(e)) from None
+        if task is not None and (task.kind != "image" or model.config["in_ch"] != task.channels):
+            raise UsageError(f"{path} takes {model.config['in_ch']}-channel images; task {task.name} has "
+                             f"{task.shape()}: pass the task its images match")
         return model.requires_grad_(False), process, ckpt
     ckpt = load_checkpoint(path)
     if task is not None:  # a model of another task (or network kind) is refused before it meets the task's data
-        cfg, made_for = ckpt["model_config"], (ckpt.get("args") or {}).get("task")
+        made_for = ckpt["args"].get("task") if isinstance(ckpt.get("args"), dict) else None
+        cfg = ckpt["model_config"]
         fits = (cfg.get("kind") == "mlp" and cfg.get("dim") == 2) if task.kind == "points" else \
-            (cfg.get("kind") == "unet" and cfg.get("in_ch") == task.channels)
+            (cfg.get("kind") in ("unet", "diffusers") and cfg.get("in_ch") == task.channels)
         if made_for not in (None, task.name) or not fits:
             raise UsageError(f"{path} is a model of task {made_for or '?'} ({cfg.get('kind')} network), not of "
                              f"{task.name}; pass --task {made_for or '...'} or a {task.name} base")

@@ -43,7 +43,7 @@ TASK_DEFAULTS = {
 }
 # Flags that may differ between a run and its --resume (--lr: resume a diverged run with a lower one);
 # every other flag must match the checkpoint's.
-MAY_CHANGE = ("out", "device", "compile", "data_dir", "lr", "rounds", "eval_samples", "fid_samples", "sample_batch")
+MAY_CHANGE = ("out", "device", "compile", "data_dir", "lr", "rounds", "eval_samples", "fid_samples")
 LOG_EVERY = 100  # fine-tuning steps per logged loss (one host sync each)
 
 
@@ -102,7 +102,9 @@ def get_args(argv=None):
 def main(argv=None):
     args = get_args(argv)
     task = get_task(args.task)
-    device = common.pick_device(args.device)
+    dist = common.Dist(common.pick_device(args.device))  # torchrun: this rank; a plain process: rank 0 of 1
+    device = dist.device
+    dist.check_batch(args.batch_size)
     args.out = args.out or os.path.join("runs", "graft", f"{task.name}-{args.accept}")
     common.check_out(args.out)
     eta = 1.0 if args.sampler == "ddpm" else args.eta
@@ -131,6 +133,8 @@ def main(argv=None):
     ema = EMA(model, args.ema_decay)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     ref_net = common.wrap_net(ref, args.bf16, args.compile)  # base and fine-tuned models run at one precision
+    train_net = common.wrap_net(dist.wrap(model), args.bf16, args.compile)  # DDP under torchrun
+    rows = dist.rows(args.batch_size) if dist.world > 1 else None  # this rank's rows of each global batch
     fid = FID(task, fid_samples, device, args.data_dir) if fid_samples else None
     target = None  # toy2d: the exact mode weights GRAFT's accepted law has (rewards/toy2d.py)
     if task.name == "toy2d" and hasattr(reward, "cdf"):
@@ -145,7 +149,7 @@ def main(argv=None):
         samples, history, base_eval = extra["samples_generated"], extra["history"], extra["base_eval"]
         pool = load_pool(os.path.join(args.out, extra["pool"]))
         print(f"resumed from {ckpt_path} after round {done} ({samples} samples generated)")
-    log = common.RunLog(args.out, args, resumed_at=("round", done) if ckpt is not None else None)
+    log = common.RunLog(args.out, args, resumed_at=("round", done) if ckpt is not None else None, write=dist.main)
     per_round = args.prompts * args.M
     common.print_derived(
         f"graft on {task.name}", device=device, base=base_path, conditional=conditional,
@@ -160,23 +164,27 @@ def main(argv=None):
         tilt_target=None if target is None else [round(v, 4) for v in target.tolist()], out=args.out)
 
     @torch.no_grad()
-    def draw(net, y, n, gen):
-        """n samples X_0 of ``net`` (conditions y) over the sampler's grid, in batches."""
-        xs = []
-        for i in range(0, n, args.sample_batch):
+    def draw(net, y, n, seed):
+        """n samples X_0 of ``net`` (conditions y) over the sampler's grid. Batch k draws its noise from
+        its own generator (seed, k), so sharding the batches over torchrun's ranks changes nothing."""
+        xs = [torch.zeros((0, *task.shape()), device=device)]
+        starts = range(0, n, args.sample_batch)
+        lo, hi = dist.shard(len(starts))
+        for i in common.progress(starts[lo:hi], "sample"):
+            gen = common.generator(seed * 100_003 + i // args.sample_batch, device)
             b = min(args.sample_batch, n - i)
             x = torch.randn((b, *task.shape()), generator=gen, device=device)
             yb = y[i:i + b] if y is not None else None
             x, _ = process.sample(net, x, None, 0, yb, gen, eta, args.sample_steps, clip=task.kind == "image",
                                   cfg_scale=args.cfg_scale)
             xs.append(x.clamp(-1, 1) if task.kind == "image" else x)
-        return torch.cat(xs)
+        return dist.gather(torch.cat(xs))
 
     def evaluate(net, tag):
         n = max(args.eval_samples, fid_samples)
-        gen = common.generator(args.seed + 999_983, device)  # the same noise for the base and every round
-        y = task.sample_conditions(n, gen, device, data) if conditional else None
-        x = draw(net, y, n, gen)
+        seed = args.seed + 999_983  # the same conditions and noise for the base and every round
+        y = task.sample_conditions(n, common.generator(seed, device), device, data) if conditional else None
+        x = draw(net, y, n, seed)
         ev = evaluate_samples(x, y, reward, task, args.eval_samples, fid, target, args.sample_batch)
         print(f"   eval {tag}: " + ", ".join(f"{k}={v:.4f}" for k, v in ev.items() if isinstance(v, float)), flush=True)
         return ev, x
@@ -193,7 +201,7 @@ def main(argv=None):
             current = args.sample_from == "current" and rnd > 1
             sampler = common.wrap_net(ema.model, args.bf16, args.compile) if current else ref_net
             y = task.sample_conditions(args.prompts, gen, device, data, repeat=args.M) if conditional else None
-            x0 = draw(sampler, y, per_round, gen)
+            x0 = draw(sampler, y, per_round, args.seed * 1000 + rnd)
             samples += per_round
             # 2. reward every sample
             r = rewards.score(reward, x0, y, args.sample_batch)
@@ -220,14 +228,13 @@ def main(argv=None):
             labels = ky if ky is not None else torch.zeros(len(kept), dtype=torch.long, device=device)
             batches = Batches(TensorDataset(kept, labels), args.batch_size, device, seed=args.seed * 1000 + rnd)
             loss_gen = common.generator(args.seed * 1000 + 500 + rnd, device)
-            net = common.wrap_net(model, args.bf16, args.compile)
             model.train()
             window = []
             for step in common.progress(range(args.train_steps), f"round {rnd}"):
                 for group in opt.param_groups:
                     group["lr"] = lr_at(step, args.train_steps, args.lr, "cosine", warmup)
                 xb, yb = next(batches)
-                loss = process.loss(net, xb, yb if conditional else None, loss_gen)  # eps loss over all n in 1..N
+                loss = process.loss(train_net, xb, yb if conditional else None, loss_gen, rows=rows)  # all n
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if args.grad_clip > 0:
@@ -236,10 +243,11 @@ def main(argv=None):
                 ema.update(model)
                 window.append(loss.detach())
                 if (step + 1) % LOG_EVERY == 0 or step + 1 == args.train_steps:
-                    loss_mean = common.check_loss(window, step + 1, args.lr)  # diverged: stop, keep the checkpoint
+                    loss_mean = common.check_loss(window, step + 1, args.lr, dist=dist)  # diverged: stop, keep ckpt
                     window = []
                     log.log(round=rnd, step=step + 1, loss=loss_mean, lr=opt.param_groups[0]["lr"])
-                if stop.requested:
+                if dist.any(stop.requested):
+                    stop.requested = stop.requested or "SIGTERM"
                     stop.stop(f"in round {rnd} at fine-tuning step {step + 1}",
                               f"rerun the same command with --resume: it continues after round {rnd - 1}")
             model.eval()
@@ -255,15 +263,18 @@ def main(argv=None):
                   f"{stats['kl_proxy']:.4f}, loss {loss_mean:.4f}, eval reward {ev['reward_mean']:.4f} "
                   f"(base {base_eval['reward_mean']:.4f}), samples {samples}", flush=True)
             # 6. checkpoint: the pool first, then the checkpoint that names it (a kill between leaves the old pair)
-            common.atomic_save(pool, log.path(f"pool_round{rnd}.pt"))
-            save_checkpoint(ckpt_path, model, process, ema, opt, rnd, args,
-                            extra=dict(samples_generated=samples, history=history, pool=f"pool_round{rnd}.pt",
-                                       base_eval=base_eval, base=base_path))
-            if os.path.exists(log.path(f"pool_round{rnd - 1}.pt")):
-                os.remove(log.path(f"pool_round{rnd - 1}.pt"))
+            if dist.main:
+                common.atomic_save(pool, log.path(f"pool_round{rnd}.pt"))
+                save_checkpoint(ckpt_path, model, process, ema, opt, rnd, args,
+                                extra=dict(samples_generated=samples, history=history, pool=f"pool_round{rnd}.pt",
+                                           base_eval=base_eval, base=base_path))
+                if os.path.exists(log.path(f"pool_round{rnd - 1}.pt")):
+                    os.remove(log.path(f"pool_round{rnd - 1}.pt"))
             if x_base is None:  # resumed: the base's samples again, for the pictures
                 x_base = evaluate(ref_net, "base (again, for the pictures)")[1]
-            pictures(task, reward, log, x_base, x_final, x0[mask], rnd, cfg.get("num_classes") or 8, args.accept)
+            if dist.main:
+                pictures(task, reward, log, x_base, x_final, x0[mask], rnd, cfg.get("num_classes") or 8,
+                         args.accept)
 
     summary = dict(task=task.name, method="graft", accept=args.accept, M=args.M, K=args.K, tau=args.tau,
                    alpha=args.alpha, rounds=args.rounds, samples_generated=samples, reward=reward.name,

@@ -132,7 +132,9 @@ def get_args(argv=None):
 def main(argv=None):
     args = get_args(argv)
     task = get_task(args.task)
-    device = common.pick_device(args.device)
+    dist = common.Dist(common.pick_device(args.device))  # torchrun: this rank; a plain process: rank 0 of 1
+    device = dist.device
+    dist.check_batch(args.batch_size)
     n = args.sample_steps
     args.out = args.out or os.path.join("runs", "inverse_noise", f"{task.name}-N{n}")
     common.check_out(args.out)
@@ -172,7 +174,8 @@ def main(argv=None):
         raise UsageError(f"{ckpt_path} corrects other base weights than {args.base}'s; pass "
                          f"another --out, or drop --resume to train a new corrector")
     start = ckpt["step"] if ckpt is not None else 0
-    log = common.RunLog(args.out, args, resumed_at=("step", start) if args.resume else None)
+    log = common.RunLog(args.out, args, resumed_at=("step", start) if args.resume else None,
+                        run_files=("summary.json", os.path.join("corrector", "ckpt.pt")), write=dist.main)
     n_chunks = math.ceil(n_invert / args.chunk_size)
     common.print_derived(
         f"inverse noise correction on {task.name}", device=device,
@@ -190,7 +193,7 @@ def main(argv=None):
     # one network for the base everywhere: fp32, whatever --bf16 says (the inversion's map)
     base_net = common.wrap_net(base, bf16=False, compile=args.compile)
     z, y, inversion = invert(args, base_net, process, data, n_invert, chunk_dir, meta, conditional,
-                             device, log)
+                             dist, log)
     print("how far the inverted noise is from N(0, I):")
     gauss = gaussianity(z, seed=args.seed, device=device)
     print_gaussianity(gauss)
@@ -200,7 +203,9 @@ def main(argv=None):
                "base_weights": meta["base_weights"], "n_fixed": args.n_fixed,
                "perturb": args.perturb, "num_inverted": len(z)}
     ema, corr_loss, corr_seconds = train_corrector(args, corrector, process, z, y, ckpt, ckpt_path,
-                                                   records, conditional, device, log)
+                                                   records, conditional, dist, log)
+    if not dist.main:  # torchrun: rank 0 evaluates and writes the table
+        return {"corrector_final_loss": corr_loss}
     corr_net = common.wrap_net(ema.model, bf16=args.bf16, compile=args.compile)
     ev = evaluate(args, task, process, base_net, corr_net, shape, data, image_size, conditional,
                   device, (f_base, f_corr), fid, fid_samples, z, log)
@@ -218,13 +223,14 @@ def main(argv=None):
 
 
 # ---------------------------------------------------------------- step 1: invert the data ----
-def invert(args, base_net, process, data, n_invert, chunk_dir, meta, conditional, device, log):
+def invert(args, base_net, process, data, n_invert, chunk_dir, meta, conditional, dist, log):
     """A seeded random subset of the training data inverted chunk by chunk (chunks on disk are
-    reused; a stop signal or --stop-after-chunks ends the run between chunks). Returns (z, y,
-    stats) of the examples that inverted to finite noise."""
-    t0 = time.time()
+    reused; under torchrun rank r computes the chunks c with c % P = r; a stop signal or
+    --stop-after-chunks ends the run between chunks). Returns (z, y, stats) of the examples that
+    inverted to finite noise."""
+    t0, device = time.time(), dist.device
     os.makedirs(chunk_dir, exist_ok=True)
-    if not os.path.isfile(os.path.join(chunk_dir, "meta.json")):
+    if dist.main and not os.path.isfile(os.path.join(chunk_dir, "meta.json")):
         common.atomic_json(os.path.join(chunk_dir, "meta.json"), meta)
     idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[:n_invert]
     n_chunks = math.ceil(n_invert / args.chunk_size)
@@ -234,6 +240,9 @@ def invert(args, base_net, process, data, n_invert, chunk_dir, meta, conditional
             cidx = idx[c * args.chunk_size:(c + 1) * args.chunk_size]
             path = os.path.join(chunk_dir, f"chunk_{c:05d}.pt")
             chunk = load_chunk(path, len(cidx))
+            if chunk is None and c % dist.world != dist.rank:  # another rank's chunk: read it below
+                parts.append(path)
+                continue
             if chunk is None:
                 ts = time.time()
                 chunk = invert_chunk(args, base_net, process, data, cidx, c, conditional, device)
@@ -254,6 +263,9 @@ def invert(args, base_net, process, data, n_invert, chunk_dir, meta, conditional
             if c + 1 < n_chunks and stop.requested:
                 stop.stop(f"after inverted chunk {c + 1}/{n_chunks}", "the chunks so far are "
                           "kept; rerun the same command to continue")
+    dist.barrier()  # every rank's chunks are on disk
+    parts = [load_chunk(p, len(idx[c * args.chunk_size:(c + 1) * args.chunk_size])) if isinstance(p, str)
+             else p for c, p in enumerate(parts)]
     inv = {k: torch.cat([p[k] for p in parts]) for k in ("z", "y", "residual", "roundtrip")}
     finite = torch.isfinite(inv["z"].flatten(1)).all(1) & torch.isfinite(inv["residual"])
     if finite.sum() < 2:
@@ -301,12 +313,12 @@ def invert_chunk(args, base_net, process, data, cidx, c, conditional, device):
 
 
 # ---------------------------------------------------------------- step 2: the corrector ----
-def train_corrector(args, corrector, process, z, y, ckpt, ckpt_path, records, conditional, device,
+def train_corrector(args, corrector, process, z, y, ckpt, ckpt_path, records, conditional, dist,
                     log):
     """Section 4: the corrector is a rectified flow from N(0, I) to the inverted noise {z_i},
     trained with the base's own loss and pretrain.py's loop (AdamW, warm-up then cosine decay,
     gradient clipping, EMA). Returns (ema, last logged loss, seconds)."""
-    t0 = time.time()
+    t0, device = time.time(), dist.device
     store = device if z.numel() * 4 < 2 ** 32 else torch.device("cpu")  # big sets stay on the host
     batches = Batches(TensorDataset(z, y), args.batch_size, store, seed=args.seed)
     gen = common.generator(args.seed + 1, device)  # the loss's noise and times
@@ -320,12 +332,16 @@ def train_corrector(args, corrector, process, z, y, ckpt, ckpt_path, records, co
         window = [v.to(device) for v in extra.get("loss_window", [])]  # losses since the last log
         last_loss = extra.get("last_loss")
         print(f"resumed the corrector from {ckpt_path} at step {start}")
-    net = common.wrap_net(corrector, bf16=args.bf16, compile=args.compile)  # --bf16: corrector only
+    # --bf16: the corrector only; DDP under torchrun, each rank on its rows of every global batch
+    net = common.wrap_net(dist.wrap(corrector), bf16=args.bf16, compile=args.compile)
+    rows = dist.rows(args.batch_size) if dist.world > 1 else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16,
                               enabled=args.bf16 and device.type == "cuda")
 
     def checkpoint(step):
         common.check_weights(corrector, step, args.lr)  # never replace a good checkpoint with NaN
+        if not dist.main:
+            return
         save_checkpoint(ckpt_path, corrector, process, ema, opt, step, args,
                         extra={"batches": batches.state(), "gen": gen.get_state(),
                                "last_loss": last_loss, **records,
@@ -339,7 +355,7 @@ def train_corrector(args, corrector, process, z, y, ckpt, ckpt_path, records, co
                 group["lr"] = lr_at(step, args.train_steps, args.lr, "cosine", args.warmup)
             zb, yb = (t.to(device, non_blocking=True) for t in next(batches))
             with autocast:
-                loss = process.loss(net, zb, yb if conditional else None, gen)
+                loss = process.loss(net, zb, yb if conditional else None, gen, rows=rows)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if args.grad_clip > 0:
@@ -349,12 +365,13 @@ def train_corrector(args, corrector, process, z, y, ckpt, ckpt_path, records, co
             window.append(loss.detach())
             done = step + 1
             if done % LOG_EVERY == 0 or done == args.train_steps:
-                last_loss = common.check_loss(window, done, args.lr)  # diverged: stop before saving
+                last_loss = common.check_loss(window, done, args.lr, dist=dist)  # diverged: stop unsaved
                 window = []
                 log.log(phase="corrector", step=done, loss=last_loss, lr=opt.param_groups[0]["lr"])
             if args.ckpt_every and done % args.ckpt_every == 0 and done < args.train_steps:
                 checkpoint(done)
-            if stop.requested:
+            if dist.any(stop.requested):
+                stop.requested = stop.requested or "SIGTERM"
                 checkpoint(done)
                 stop.stop(f"at corrector step {done}", f"saved {ckpt_path}; rerun the same command "
                           "with --resume to continue")

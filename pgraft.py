@@ -47,7 +47,7 @@ TASK_DEFAULTS = {
 }
 # Flags that may differ between a run and its --resume (--lr: resume a diverged run with a lower one);
 # every other flag must match the checkpoint's.
-MAY_CHANGE = ("out", "device", "compile", "data_dir", "lr", "rounds", "eval_samples", "fid_samples", "sample_batch",
+MAY_CHANGE = ("out", "device", "compile", "data_dir", "lr", "rounds", "eval_samples", "fid_samples",
               "lemma_levels", "lemma_states", "lemma_continuations")
 LOG_EVERY = 100  # fine-tuning steps per logged loss (one host sync each)
 
@@ -143,18 +143,20 @@ def parse_steps(spec, N, flag, allow_n=False):
     return out
 
 
-def bridge_loss(net, x_ni, y, n_i, process, gen):
+def bridge_loss(net, x_ni, y, n_i, process, gen, rows=None):
     """ALGORITHM (paper, P-GRAFT, training): the bridge loss on kept states X_{N_I}, n ~ U(N_I, N]:
         x_n = a_n X_{N_I} + s_n eps,  a_n = sqrt(abar_n / abar_{N_I}),  s_n = sqrt(1 - abar_n / abar_{N_I}),
         loss = || (s_n / sqrt(1 - abar_n)) eps_theta(x_n, n) - eps ||^2.
     Its minimiser is the reference's eps-prediction of the tilted law of X_{N_I}; at N_I = 0 it is the
-    plain eps loss, draw for draw."""
+    plain eps loss, draw for draw. ``rows``: as in DDPM.loss (torchrun: this rank's rows)."""
     N = process.N
     n = torch.randint(n_i + 1, N + 1, (x_ni.shape[0],), generator=gen, device=x_ni.device)
+    eps = torch.randn(x_ni.shape, generator=gen, device=x_ni.device, dtype=x_ni.dtype)
+    if rows is not None:
+        x_ni, n, eps, y = x_ni[rows], n[rows], eps[rows], (y[rows] if y is not None else None)
     ab_n = process.abar(n, x_ni)
     ratio = ab_n / process.alpha_bar[n_i].item()
     a_n, s_n = ratio.sqrt(), (1 - ratio).sqrt()
-    eps = torch.randn(x_ni.shape, generator=gen, device=x_ni.device, dtype=x_ni.dtype)
     pred = net(a_n * x_ni + s_n * eps, n.float() / N, y)
     return ((s_n / (1 - ab_n).sqrt()) * pred - eps).pow(2).mean()
 
@@ -167,7 +169,9 @@ def stitched(finetuned, ref_net, N, n_i):
 def main(argv=None):
     args = get_args(argv)
     task = get_task(args.task)
-    device = common.pick_device(args.device)
+    dist = common.Dist(common.pick_device(args.device))  # torchrun: this rank; a plain process: rank 0 of 1
+    device = dist.device
+    dist.check_batch(args.batch_size)
     args.out = args.out or os.path.join("runs", "pgraft", f"{task.name}-{args.accept}")
     common.check_out(args.out)
     rule = AcceptRule(args.accept, args.M, args.K, args.tau, args.alpha)
@@ -198,10 +202,11 @@ def main(argv=None):
             sub.out = os.path.join(args.out, f"ni_{n_i}")
         runs.append((sub, n_i, common.load_resume(os.path.join(sub.out, "ckpt.pt"), sub, MAY_CHANGE)))
 
-    top = common.RunLog(args.out, args) if len(n_is) > 1 else None
-    os.makedirs(args.out, exist_ok=True)
+    for sub, _, ckpt in runs:  # no earlier run is overwritten, not even by the diagnostic below
+        common.check_fresh(sub.out, sub.resume)
+    top = common.RunLog(args.out, args, write=dist.main) if len(n_is) > 1 else None
     lemma = None
-    if levels:  # Lemma 4.3: E[Var(r(X_0) | X_t)] of the reference at each level t and each N_I
+    if levels and dist.main:  # Lemma 4.3: E[Var(r(X_0) | X_t)] of the reference at each level t and each N_I
         levels = sorted(set(levels) | set(n_is))
         eta = 1.0 if args.sampler == "ddpm" else args.eta
         gen = common.generator(args.seed + 31337, device)
@@ -210,6 +215,7 @@ def main(argv=None):
             common.wrap_net(ref, args.bf16, args.compile), process, task, reward, levels, args.lemma_states,
             args.lemma_continuations, gen, y=y, eta=eta, sample_steps=args.sample_steps,
             sample_batch=args.sample_batch)
+        os.makedirs(args.out, exist_ok=True)
         lemma = lemma43.write(res, args.out, process.N, n_is, args.lemma_states, args.lemma_continuations,
                               f"Lemma 4.3 on {task.name}, reward {reward.name}")
         print("Lemma 4.3 diagnostic E[Var(r(X_0) | X_t)]: " + ", ".join(f"t={t}: {m:.4g}+-{se:.2g}"
@@ -218,16 +224,19 @@ def main(argv=None):
     for sub, n_i, ckpt in runs:
         if len(n_is) > 1:
             print(f"== sweep: N_I = {n_i}")
-        s = run(sub, n_i, ckpt, task, device, rule, base, base_eval, lemma)
+        s = run(sub, n_i, ckpt, task, dist, rule, base, base_eval, lemma)
         base_eval = s.pop("_base_eval")
         rows.append(s)
     if top is None:
         return rows[0]
+    if not dist.main:  # torchrun: rank 0 writes the table
+        return dict(n_i=n_is, reward_final=[r["reward_final"] for r in rows])
     return sweep_table(top, args, rows, n_is, process.N, lemma)
 
 
-def run(args, n_i, ckpt, task, device, rule, base, base_eval, lemma):
+def run(args, n_i, ckpt, task, dist, rule, base, base_eval, lemma):
     """One P-GRAFT run at N_I = n_i: the round loop of graft.py with the P-GRAFT lines."""
+    device = dist.device
     process, ref, reward, conditional, data = base["process"], base["ref"], base["reward"], base["conditional"], \
         base["data"]
     N = process.N
@@ -238,6 +247,8 @@ def run(args, n_i, ckpt, task, device, rule, base, base_eval, lemma):
     ema = EMA(model, args.ema_decay)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     ref_net = common.wrap_net(ref, args.bf16, args.compile)  # base and fine-tuned models run at one precision
+    train_net = common.wrap_net(dist.wrap(model), args.bf16, args.compile)  # DDP under torchrun
+    rows = dist.rows(args.batch_size) if dist.world > 1 else None  # this rank's rows of each global batch
     fid = FID(task, fid_samples, device, args.data_dir) if fid_samples else None
     target = None  # toy2d: the exact mode weights P-GRAFT's output has at this N_I (rewards/toy2d.py)
     if task.name == "toy2d" and hasattr(reward, "cdf"):
@@ -252,7 +263,7 @@ def run(args, n_i, ckpt, task, device, rule, base, base_eval, lemma):
         samples, history, base_eval = extra["samples_generated"], extra["history"], extra["base_eval"]
         pool = load_pool(os.path.join(args.out, extra["pool"]))
         print(f"resumed from {ckpt_path} after round {done} ({samples} samples generated)")
-    log = common.RunLog(args.out, args, resumed_at=("round", done) if ckpt is not None else None)
+    log = common.RunLog(args.out, args, resumed_at=("round", done) if ckpt is not None else None, write=dist.main)
     per_round = args.prompts * args.M
     ab = process.alpha_bar[n_i].item()
     common.print_derived(
@@ -270,10 +281,14 @@ def run(args, n_i, ckpt, task, device, rule, base, base_eval, lemma):
         tilt_target=None if target is None else [round(v, 4) for v in target.tolist()], out=args.out)
 
     @torch.no_grad()
-    def draw(net, y, n, gen):
-        """n samples X_0 and their states X_{N_I}: two segments N -> N_I -> 0, so X_{N_I} is on the grid."""
-        x0s, nis = [], []
-        for i in range(0, n, args.sample_batch):
+    def draw(net, y, n, seed):
+        """n samples X_0 and their states X_{N_I}: two segments N -> N_I -> 0, so X_{N_I} is on the grid.
+        Batch k draws its noise from its own generator (seed, k): sharding over ranks changes nothing."""
+        x0s, nis = [torch.zeros((0, *task.shape()), device=device)], [torch.zeros((0, *task.shape()), device=device)]
+        starts = range(0, n, args.sample_batch)
+        lo, hi = dist.shard(len(starts))
+        for i in common.progress(starts[lo:hi], "sample"):
+            gen = common.generator(seed * 100_003 + i // args.sample_batch, device)
             b = min(args.sample_batch, n - i)
             x = torch.randn((b, *task.shape()), generator=gen, device=device)
             yb = y[i:i + b] if y is not None else None
@@ -287,13 +302,13 @@ def run(args, n_i, ckpt, task, device, rule, base, base_eval, lemma):
                 x, _ = process.sample(net, x, None, 0, yb, gen, eta, args.sample_steps, clip=task.kind == "image",
                                       cfg_scale=args.cfg_scale)
             x0s.append(x.clamp(-1, 1) if task.kind == "image" else x)
-        return torch.cat(x0s), (torch.cat(nis) if nis else None)
+        return dist.gather(torch.cat(x0s)), (dist.gather(torch.cat(nis)) if n_i > 0 else None)
 
     def evaluate(net, tag):
         n = max(args.eval_samples, fid_samples)
-        gen = common.generator(args.seed + 999_983, device)  # the same noise for the base and every round
-        y = task.sample_conditions(n, gen, device, data) if conditional else None
-        x = draw(net, y, n, gen)[0]
+        seed = args.seed + 999_983  # the same conditions and noise for the base and every round
+        y = task.sample_conditions(n, common.generator(seed, device), device, data) if conditional else None
+        x = draw(net, y, n, seed)[0]
         ev = evaluate_samples(x, y, reward, task, args.eval_samples, fid, target, args.sample_batch)
         print(f"   eval {tag}: " + ", ".join(f"{k}={v:.4f}" for k, v in ev.items() if isinstance(v, float)), flush=True)
         return ev, x
@@ -314,7 +329,7 @@ def run(args, n_i, ckpt, task, device, rule, base, base_eval, lemma):
             sampler = stitched(common.wrap_net(ema.model, args.bf16, args.compile), ref_net, N, n_i) if current \
                 else ref_net
             y = task.sample_conditions(args.prompts, gen, device, data, repeat=args.M) if conditional else None
-            x0, x_ni = draw(sampler, y, per_round, gen)
+            x0, x_ni = draw(sampler, y, per_round, args.seed * 1000 + rnd)
             samples += per_round
             # 2. reward every sample's X_0
             r = rewards.score(reward, x0, y, args.sample_batch)
@@ -343,7 +358,6 @@ def run(args, n_i, ckpt, task, device, rule, base, base_eval, lemma):
             labels = ky if ky is not None else torch.zeros(len(kept), dtype=torch.long, device=device)
             batches = Batches(TensorDataset(kept, labels), args.batch_size, device, seed=args.seed * 1000 + rnd)
             loss_gen = common.generator(args.seed * 1000 + 500 + rnd, device)
-            net = common.wrap_net(model, args.bf16, args.compile)
             model.train()
             window = []
             for step in common.progress(range(args.train_steps), f"round {rnd}"):
@@ -352,9 +366,9 @@ def run(args, n_i, ckpt, task, device, rule, base, base_eval, lemma):
                 xb, yb = next(batches)
                 yb = yb if conditional else None
                 if args.loss == "bridge":
-                    loss = bridge_loss(net, xb, yb, n_i, process, loss_gen)
+                    loss = bridge_loss(train_net, xb, yb, n_i, process, loss_gen, rows=rows)
                 else:  # comparison: the plain loss on accepted X_0, only for n in (N_I, N]
-                    loss = process.loss(net, xb, yb, loss_gen, n_range=(n_i + 1, N))
+                    loss = process.loss(train_net, xb, yb, loss_gen, n_range=(n_i + 1, N), rows=rows)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if args.grad_clip > 0:
@@ -363,10 +377,11 @@ def run(args, n_i, ckpt, task, device, rule, base, base_eval, lemma):
                 ema.update(model)
                 window.append(loss.detach())
                 if (step + 1) % LOG_EVERY == 0 or step + 1 == args.train_steps:
-                    loss_mean = common.check_loss(window, step + 1, args.lr)  # diverged: stop, keep the checkpoint
+                    loss_mean = common.check_loss(window, step + 1, args.lr, dist=dist)  # diverged: stop, keep ckpt
                     window = []
                     log.log(round=rnd, step=step + 1, loss=loss_mean, lr=opt.param_groups[0]["lr"])
-                if stop.requested:
+                if dist.any(stop.requested):
+                    stop.requested = stop.requested or "SIGTERM"
                     stop.stop(f"in round {rnd} at fine-tuning step {step + 1}",
                               f"rerun the same command with --resume: it continues after round {rnd - 1}")
             model.eval()
@@ -383,16 +398,18 @@ def run(args, n_i, ckpt, task, device, rule, base, base_eval, lemma):
                   f"{stats['kl_proxy_x0']:.4f}, loss {loss_mean:.4f}, eval reward {ev['reward_mean']:.4f} "
                   f"(base {base_eval['reward_mean']:.4f}), samples {samples}", flush=True)
             # 6. checkpoint: the pool first, then the checkpoint that names it (a kill between leaves the old pair)
-            common.atomic_save(pool, log.path(f"pool_round{rnd}.pt"))
-            save_checkpoint(ckpt_path, model, process, ema, opt, rnd, args,
-                            extra=dict(samples_generated=samples, history=history, pool=f"pool_round{rnd}.pt",
-                                       base_eval=base_eval, base=base["path"], n_i=n_i))
-            if os.path.exists(log.path(f"pool_round{rnd - 1}.pt")):
-                os.remove(log.path(f"pool_round{rnd - 1}.pt"))
+            if dist.main:
+                common.atomic_save(pool, log.path(f"pool_round{rnd}.pt"))
+                save_checkpoint(ckpt_path, model, process, ema, opt, rnd, args,
+                                extra=dict(samples_generated=samples, history=history, pool=f"pool_round{rnd}.pt",
+                                           base_eval=base_eval, base=base["path"], n_i=n_i))
+                if os.path.exists(log.path(f"pool_round{rnd - 1}.pt")):
+                    os.remove(log.path(f"pool_round{rnd - 1}.pt"))
             if x_base is None:  # resumed, or a later N_I of a sweep: the base's samples again, for the pictures
                 x_base = evaluate(ref_net, "base (again, for the pictures)")[1]
-            pictures(task, reward, log, x_base, x_final, x0[mask], rnd, ref.config.get("num_classes") or 8,
-                     args.accept, n_i)
+            if dist.main:
+                pictures(task, reward, log, x_base, x_final, x0[mask], rnd, ref.config.get("num_classes") or 8,
+                         args.accept, n_i)
 
     summary = dict(task=task.name, method="pgraft", accept=args.accept, M=args.M, K=args.K, tau=args.tau,
                    alpha=args.alpha, rounds=args.rounds, samples_generated=samples, reward=reward.name,

@@ -69,7 +69,9 @@ def get_args(argv=None):
 def main(argv=None):
     args = get_args(argv)
     task = get_task(args.task)
-    device = common.pick_device(args.device)
+    dist = common.Dist(common.pick_device(args.device))  # torchrun: this rank; a plain process: rank 0 of 1
+    device = dist.device
+    dist.check_batch(args.batch_size)
     args.out = args.out or os.path.dirname(common.default_base_path(task.name, args.model))
     common.check_out(args.out)
     conditional = task.conditional and not args.unconditional
@@ -98,7 +100,7 @@ def main(argv=None):
         return plan(args, task, device, model, process, batches, gen, conditional, len(data), start)
     # the first minibatch is read now, so that an unreadable data file fails before --out is touched
     first = next(batches) if start < args.train_steps else None
-    log = common.RunLog(args.out, args, resumed_at=("step", start) if ckpt is not None else None)
+    log = common.RunLog(args.out, args, resumed_at=("step", start) if ckpt is not None else None, write=dist.main)
     common.print_derived(
         f"pretrain {args.model} on {task.name}", device=device, parameters=common.n_params(model),
         train_examples=len(data), train_steps=args.train_steps, batch_size=args.batch_size,
@@ -107,14 +109,16 @@ def main(argv=None):
         sampler_NFE_per_sample=task.sample_steps if args.model == "ddpm" else task.flow_steps,
         fid_samples=fid_samples, out=args.out)
 
-    net = common.wrap_net(model, args.bf16, args.compile)
+    net = common.wrap_net(dist.wrap(model), args.bf16, args.compile)  # DDP under torchrun
+    rows = dist.rows(args.batch_size) if dist.world > 1 else None  # this rank's rows of each global batch
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
 
     def checkpoint(step):
         common.check_weights(model, step, args.lr)  # never replace a good checkpoint with NaN weights
-        save_checkpoint(ckpt_path, model, process, ema, opt, step, args,
-                        extra=dict(batches=batches.state(), gen=gen.get_state(), last_loss=last_loss,
-                                   loss_window=torch.stack(window).cpu() if window else torch.zeros(0)))
+        if dist.main:
+            save_checkpoint(ckpt_path, model, process, ema, opt, step, args,
+                            extra=dict(batches=batches.state(), gen=gen.get_state(), last_loss=last_loss,
+                                       loss_window=torch.stack(window).cpu() if window else torch.zeros(0)))
 
     def evaluate(step):
         g = common.generator(args.seed + 2, device)
@@ -142,7 +146,7 @@ def main(argv=None):
             first = None
             y = drop_conditions(y, args.cond_drop, gen) if conditional else None
             with autocast:
-                loss = process.loss(net, x, y, gen)
+                loss = process.loss(net, x, y, gen, rows=rows)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if args.grad_clip > 0:
@@ -152,20 +156,23 @@ def main(argv=None):
             window.append(loss.detach())
             done = step + 1
             if done % LOG_EVERY == 0 or done == args.train_steps:
-                last_loss = common.check_loss(window, done, args.lr)  # stops a diverging run before it saves
+                last_loss = common.check_loss(window, done, args.lr, dist=dist)  # a diverging run stops unsaved
                 window = []
                 log.log(step=done, loss=last_loss, lr=opt.param_groups[0]["lr"])
             if args.ckpt_every and done % args.ckpt_every == 0 and done < args.train_steps:
                 checkpoint(done)
-            if args.eval_every and done % args.eval_every == 0 and done < args.train_steps:
+            if args.eval_every and done % args.eval_every == 0 and done < args.train_steps and dist.main:
                 model.eval()
                 evaluate(done)
                 model.train()
-            if stop.requested:
+            if dist.any(stop.requested):
+                stop.requested = stop.requested or "SIGTERM"
                 checkpoint(done)
                 stop.stop(f"at step {done}", f"saved {ckpt_path}; rerun the same command with --resume to continue")
     model.eval()
     checkpoint(args.train_steps)
+    if not dist.main:  # torchrun: rank 0 evaluates and writes the summary
+        return dict(train_steps=args.train_steps, final_loss=last_loss)
 
     x, metrics = evaluate(args.train_steps)
     if task.kind == "points":

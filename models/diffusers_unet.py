@@ -13,7 +13,6 @@ scheduler/.
 import json
 import os
 
-import torch
 import torch.nn as nn
 
 from .diffusion import DDPM

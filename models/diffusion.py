@@ -60,13 +60,17 @@ class DDPM:
         ab = self.abar(n, x0)
         return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
 
-    def loss(self, model, x0, y=None, generator=None, n_range=None):
+    def loss(self, model, x0, y=None, generator=None, n_range=None, rows=None):
         """Epsilon-prediction loss, n uniform on n_range = (lo, hi) inclusive (default (1, N)).
 
-        A sub-range trains one segment of the chain only (P-GRAFT's ``--loss x0``)."""
+        A sub-range trains one segment of the chain only (P-GRAFT's ``--loss x0``). ``rows`` (a
+        slice): n and eps are drawn for the whole batch, the loss uses only those rows; under
+        torchrun each rank takes its rows of one global batch, so P processes draw what one would."""
         lo, hi = n_range or (1, self.N)
         n = torch.randint(lo, hi + 1, (x0.shape[0],), generator=generator, device=x0.device)
         eps = randn(x0.shape, generator, x0)
+        if rows is not None:
+            x0, n, eps, y = x0[rows], n[rows], eps[rows], (y[rows] if y is not None else None)
         pred = model(self.q_sample(x0, n, eps), n.float() / self.N, y)
         return (pred - eps).pow(2).mean()
 
@@ -82,7 +86,11 @@ class DDPM:
         return [start] + [n for n in full if stop < n < start] + [stop]
 
     def eps(self, model, x, n, y=None, cfg_scale=0.0):
-        t = torch.full((x.shape[0],), n / self.N, device=x.device, dtype=x.dtype)
+        """eps_theta(x, n) for an int n or a (B,) long tensor n (a step per row)."""
+        if isinstance(n, torch.Tensor):
+            t = (n.double() / self.N).to(x.dtype)
+        else:
+            t = torch.full((x.shape[0],), n / self.N, device=x.device, dtype=x.dtype)
         if cfg_scale == 0.0 or y is None:
             return model(x, t, y)
         # classifier-free guidance: eps_u + (1 + w)(eps_c - eps_u), one batched call
@@ -91,17 +99,48 @@ class DDPM:
         ec, eu = e.chunk(2)
         return eu + (1 + cfg_scale) * (ec - eu)
 
+    def _coefs(self, n, m, eta, like):
+        """The coefficients of one generalized DDIM step n -> m (Song et al. 2021, eq. 12), written
+        once: python floats for int n, m; float64 tensors shaped to broadcast with ``like`` for (B,)
+        long tensors n, m (a step per row)."""
+        if isinstance(n, torch.Tensor):
+            key = (like.device, torch.float64)
+            if key not in self._cache:
+                self._cache[key] = self.alpha_bar.to(like.device)
+            shape = (-1, *([1] * (like.dim() - 1)))
+            ab_n, ab_m = self._cache[key][n].reshape(shape), self._cache[key][m].reshape(shape)
+            sqrt, pos = torch.sqrt, lambda v: v.clamp(min=0.0)
+        else:
+            ab_n, ab_m, sqrt, pos = self._abar[n], self._abar[m], math.sqrt, lambda v: max(v, 0.0)
+        sigma = eta * sqrt((1 - ab_m) / (1 - ab_n) * (1 - ab_n / ab_m))
+        return sqrt(1 - ab_n), sqrt(ab_n), sqrt(ab_m), sqrt(pos(1 - ab_m - sigma ** 2)), sigma
+
+    def sigma(self, n, m, eta=1.0):
+        """sigma of the step n -> m, a python float: 0 for eta = 0 and for every step to m = 0."""
+        return self._coefs(n, m, eta, None)[4]
+
+    def step_mean_std(self, model, x, n, m, y=None, eta=1.0, clip=False, cfg_scale=0.0):
+        """(mean, sigma) of the Gaussian step n -> m < n: x_m ~ N(mean, sigma^2 I). The sampler
+        (``step``) and DDPO's policy log-density (``gaussian_log_prob``) share this one formula.
+
+        n, m: ints, one step for the whole batch (sigma a python float), or (B,) long tensors, a
+        step per row (sigma a float64 tensor that broadcasts with x). The coefficients are
+        computed in float64 either way and meet x in its own dtype; torch's float64 sqrt can
+        differ from math.sqrt in the last bit, which the cast to float32 almost always hides."""
+        s_n, r_n, r_m, d, sigma = self._coefs(n, m, eta, x)
+        if isinstance(n, torch.Tensor):
+            s_n, r_n, r_m, d = (c.to(x.dtype) for c in (s_n, r_n, r_m, d))
+        e = self.eps(model, x, n, y, cfg_scale)
+        x0 = (x - s_n * e) / r_n
+        if clip:
+            x0 = x0.clamp(-1, 1)
+            e = (x - r_n * x0) / s_n
+        return r_m * x0 + d * e, sigma
+
     def step(self, model, x, n, m, y=None, eta=1.0, generator=None, clip=False, cfg_scale=0.0):
         """One generalized DDIM step n -> m < n (Song et al. 2021, eq. 12). eta=1 with m = n-1 is
         DDPM ancestral sampling with the posterior variance beta_tilde; eta=0 is deterministic."""
-        ab_n, ab_m = self._abar[n], self._abar[m]
-        e = self.eps(model, x, n, y, cfg_scale)
-        x0 = (x - math.sqrt(1 - ab_n) * e) / math.sqrt(ab_n)
-        if clip:
-            x0 = x0.clamp(-1, 1)
-            e = (x - math.sqrt(ab_n) * x0) / math.sqrt(1 - ab_n)
-        sigma = eta * math.sqrt((1 - ab_m) / (1 - ab_n) * (1 - ab_n / ab_m))
-        x = math.sqrt(ab_m) * x0 + math.sqrt(max(1 - ab_m - sigma ** 2, 0.0)) * e
+        x, sigma = self.step_mean_std(model, x, n, m, y, eta, clip, cfg_scale)
         if sigma > 0:
             x = x + sigma * randn(x.shape, generator, x)
         return x
@@ -134,3 +173,22 @@ class DDPM:
 
     def prior(self, shape, generator, device, dtype=torch.float32):
         return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+
+def gaussian_log_prob(x, mean, sigma, log_sigma=None):
+    """log N(x; mean, sigma^2 I) summed over every dimension but the first: (B,) float64.
+
+    sigma: a python float, or a tensor with one value per row (as ``DDPM.step_mean_std`` returns
+    it). This is DDPO's policy log-density of a sampler step x_n -> x_m; float64 keeps a sum over
+    many pixels exact enough for a ratio exp(logp_new - logp_old) that is 1 before any update.
+    A recomputation that must equal the sampler's value bit for bit passes sigma and ``log_sigma``
+    (per row) computed with python's math, as the sampler's are (torch's float64 sqrt and log can
+    differ from them in the last bit)."""
+    d = x[0].numel()
+    sq = (x.double() - mean.double()).flatten(1).pow(2).sum(1)
+    if isinstance(sigma, torch.Tensor):
+        sigma = sigma.double().reshape(len(x), -1)[:, 0]
+        log_sigma = sigma.log() if log_sigma is None else log_sigma
+    elif log_sigma is None:
+        log_sigma = math.log(sigma)
+    return -sq / (2 * sigma ** 2) - d * log_sigma - 0.5 * d * math.log(2 * math.pi)

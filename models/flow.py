@@ -14,9 +14,12 @@ class RectifiedFlow:
     def config(self):
         return dict(kind="flow")
 
-    def loss(self, model, x1, y=None, generator=None):
+    def loss(self, model, x1, y=None, generator=None, rows=None):
+        """Velocity loss; ``rows`` as in DDPM.loss (draws for the whole batch, loss on those rows)."""
         x0 = randn(x1.shape, generator, x1)
         t = torch.rand((x1.shape[0],), generator=generator, device=x1.device, dtype=x1.dtype)
+        if rows is not None:
+            x1, x0, t, y = x1[rows], x0[rows], t[rows], (y[rows] if y is not None else None)
         tb = t.reshape(-1, *([1] * (x1.dim() - 1)))
         xt = tb * x1 + (1 - tb) * x0
         return (model(xt, t, y) - (x1 - x0)).pow(2).mean()

@@ -179,10 +179,15 @@ def test_divergence_exits_2_and_keeps_the_good_checkpoint(good_run, base_ckpt, t
     ckpt = (out / "corrector" / "ckpt.pt").read_bytes()
     summary = (out / "summary.json").read_bytes()
     assert "--lr" in exits_2(tiny_args(base_ckpt, out, "--lr", "inf"), capsys)  # refused at parse
+    # a rerun into the finished run without --resume is refused before it can replace anything
     err = exits_2(tiny_args(base_ckpt, out, "--lr", "1e8", "--grad-clip", "0"), capsys)
-    assert "diverged by step 5" in err and "--lr 1e+08" in err
+    assert "already holds a run" in err
     assert (out / "corrector" / "ckpt.pt").read_bytes() == ckpt  # the last good one, byte for byte
     assert (out / "summary.json").read_bytes() == summary  # no verdict from NaN
+    out = tmp_path / "fresh"  # a fresh run that diverges: one line naming the step and the rate
+    err = exits_2(tiny_args(base_ckpt, out, "--lr", "1e8", "--grad-clip", "0"), capsys)
+    assert "diverged by step 5" in err and "--lr 1e+08" in err
+    assert not (out / "summary.json").exists() and not (out / "corrector" / "ckpt.pt").exists()
 
     def no_nan(text):
         raise AssertionError(f"non-finite {text} in JSON")
@@ -222,8 +227,8 @@ def test_interrupted_corrector_resumes_with_the_same_loss(good_run, base_ckpt, t
     """Killed after its step-24 checkpoint, the resumed corrector logs and reports the same loss
     (a mean over all 30 steps: the window since the last log is in the checkpoint) and weights."""
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    shutil.copytree(good_run, ref)  # the inverted chunks are reused
-    shutil.copytree(good_run, cut)
+    shutil.copytree(good_run / "inverted", ref / "inverted")  # the inverted chunks are reused
+    shutil.copytree(good_run / "inverted", cut / "inverted")
     steps = ["--train-steps", "30", "--ckpt-every", "12"]
     s_ref = inverse_noise.main(tiny_args(base_ckpt, ref, *steps))
     real_lr = inverse_noise.lr_at

@@ -3,7 +3,6 @@ the exact toy2d target, resume, refusals, and the image paths on fabricated MNIS
 import json
 import math
 import os
-import types
 
 import pytest
 import torch
@@ -120,8 +119,8 @@ def test_pgraft_at_n_i_zero_reproduces_graft_exactly(base, tmp_path):
 # ---------------------------------------------------------------- end to end ----
 def test_pgraft_toy2d_matches_its_exact_target_and_writes_everything(base, tmp_path):
     out = tmp_path / "p"
-    s = pgraft.main(["--base", base, "--out", str(out), "--n-i", "0.25", "--prompts", "500",
-                     "--sample-steps", "50", "--train-steps", "600", "--eval-samples", "4000", "--lemma-states", "64"])
+    s = pgraft.main(["--base", base, "--out", str(out), "--n-i", "0.25", "--prompts", "1000",
+                     "--sample-steps", "50", "--train-steps", "600", "--eval-samples", "8000", "--lemma-states", "64"])
     assert s["n_i"] == 50 and s["method"] == "pgraft" and s["loss"] == "bridge"
     assert s["tilt_tv"] < 0.05 and s["tilt_tv_base"] > 0.2, s
     assert s["reward_final"] > s["reward_base"] + 0.5

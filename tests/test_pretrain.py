@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-import common
 import pretrain
 from models import load_checkpoint, model_from_checkpoint
 from test_tasks import fake_mnist
