@@ -225,7 +225,8 @@ def kl_to_reference(mean, mean_ref, sigma):
 def main(argv=None):
     args = get_args(argv)
     task = get_task(args.task)
-    device = common.pick_device(args.device)
+    dist = common.Dist(common.pick_device(args.device))  # torchrun: this rank; a plain process: rank 0 of 1
+    device = dist.device
     args.out = args.out or os.path.join("runs", "ddpo", task.name)
     common.check_out(args.out)
     eta = 1.0 if args.sampler == "ddpm" else args.eta
@@ -261,6 +262,7 @@ def main(argv=None):
     ema = EMA(model, args.ema_decay)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     ref_net = common.wrap_net(ref, args.bf16, args.compile)
+    train_net = common.wrap_net(dist.wrap(model), args.bf16, args.compile)  # DDP under torchrun
     fid = FID(task, fid_samples, device, args.data_dir) if fid_samples else None
     # the MDP's actions: the sampler's steps with sigma > 0, i.e. every step but the last (to n = 0)
     grid = process.grid(process.N, 0, args.sample_steps)
@@ -288,7 +290,8 @@ def main(argv=None):
         base_eval, stat_state = extra["base_eval"], extra["stats"]
         print(f"resumed from {ckpt_path} after round {done} ({samples} samples generated)")
     tracker = PerConditionStats(args.buffer_size, args.min_count, stat_state)
-    log = common.RunLog(args.out, args, resumed_at=("round", done) if ckpt is not None else None)
+    log = common.RunLog(args.out, args, resumed_at=("round", done) if ckpt is not None else None,
+                        write=dist.main)
     state_mb = per_round * (T + 1) * math.prod(task.shape()) * 4 / 2 ** 20
     common.print_derived(
         f"ddpo on {task.name}", device=device, base=base_path, conditional=conditional,
@@ -310,10 +313,16 @@ def main(argv=None):
         eval=f"{args.eval_samples} samples" + (f", FID on {fid_samples}" if fid_samples else ""),
         out=args.out)
 
-    def sample_chains(net, y, n, gen):
-        """1. n chains of the policy ``net``, in batches: (states, log pi_old, X_0)."""
-        states, logps, x0s = [], [], []
-        for i in range(0, n, args.sample_batch):
+    def sample_chains(net, y, n, seed):
+        """1. n chains of the policy ``net``, in batches: (states, log pi_old, X_0). Batch k draws
+        from its own generator (seed, k); under torchrun each rank runs its share, then all gather."""
+        states = [torch.zeros((0, T + 1, *task.shape()), device=device)]
+        logps = [torch.zeros((0, T), dtype=torch.float64, device=device)]
+        x0s = [torch.zeros((0, *task.shape()), device=device)]
+        starts = range(0, n, args.sample_batch)
+        lo, hi = dist.shard(len(starts))
+        for i in common.progress(starts[lo:hi], "sample"):
+            gen = common.generator(seed * 100_003 + i // args.sample_batch, device)
             b = min(args.sample_batch, n - i)
             x = torch.randn((b, *task.shape()), generator=gen, device=device)
             yb = y[i:i + b] if y is not None else None
@@ -321,14 +330,16 @@ def main(argv=None):
             states.append(xs)
             logps.append(lp)
             x0s.append(x0.clamp(-1, 1) if clip else x0)
-        return torch.cat(states), torch.cat(logps), torch.cat(x0s)
+        return dist.gather(torch.cat(states)), dist.gather(torch.cat(logps)), dist.gather(torch.cat(x0s))
 
     @torch.no_grad()
     def draw(net, y, n, seed):
         """n samples X_0 of ``net`` (conditions y) over the sampler's grid; batch k draws its noise
         from its own generator (seed, k), as graft.py's evaluation does."""
-        xs = []
-        for i in range(0, n, args.sample_batch):
+        xs = [torch.zeros((0, *task.shape()), device=device)]
+        starts = range(0, n, args.sample_batch)
+        lo, hi = dist.shard(len(starts))
+        for i in common.progress(starts[lo:hi], "sample"):
             gen = common.generator(seed * 100_003 + i // args.sample_batch, device)
             b = min(args.sample_batch, n - i)
             x = torch.randn((b, *task.shape()), generator=gen, device=device)
@@ -336,7 +347,7 @@ def main(argv=None):
             x, _ = process.sample(net, x, None, 0, yb, gen, eta, args.sample_steps, clip=clip,
                                   cfg_scale=args.cfg_scale)
             xs.append(x.clamp(-1, 1) if clip else x)
-        return torch.cat(xs)
+        return dist.gather(torch.cat(xs))
 
     def evaluate(net, tag):
         n = max(args.eval_samples, fid_samples)
@@ -357,10 +368,10 @@ def main(argv=None):
         for rnd in range(done + 1, args.rounds + 1):
             gen = common.generator(args.seed * 1000 + rnd, device)
             # 1. M chains per condition from the current policy (on-policy), every step recorded
-            policy = common.wrap_net(model, args.bf16, args.compile)
+            policy = common.wrap_net(model, args.bf16, args.compile)  # samples (never through DDP)
             y = (task.sample_conditions(args.prompts, gen, device, data, repeat=args.M)
                  if conditional else None)
-            chains, logp_old, x0 = sample_chains(policy, y, per_round, gen)
+            chains, logp_old, x0 = sample_chains(policy, y, per_round, args.seed * 1000 + rnd)
             samples += per_round
             # 2. the reward of every chain's X_0
             r = rewards.score(reward, x0, y, args.sample_batch)
@@ -383,10 +394,16 @@ def main(argv=None):
                 for lo in common.progress(range(0, n_trans, args.batch_size),
                                           f"round {rnd} epoch {epoch + 1}"):
                     i, j = rows[lo:lo + args.batch_size], cols[lo:lo + args.batch_size]
+                    # torchrun: this rank's share of the minibatch, weighted so that DDP's average of
+                    # the ranks' gradients is the whole minibatch's (a rank with no row runs one at 0)
+                    size = len(i)
+                    a, b = dist.shard(size)
+                    weight = (b - a) * dist.world / size
+                    i, j = (i[a:b], j[a:b]) if b > a else (i[:1], j[:1])
                     x_n, x_m = chains[i, j], chains[i, j + 1]
                     n, m = step_n[j], step_m[j]
                     yb = y[i] if y is not None else None
-                    logp, mean = transition_logp(process, policy, x_n, x_m, n, m, sigma[j],
+                    logp, mean = transition_logp(process, train_net, x_n, x_m, n, m, sigma[j],
                                                  log_sigma[j], yb, eta, clip, args.cfg_scale)
                     loss, ratio = ppo_loss(logp, logp_old[i, j], adv[i], args.clip_range)
                     if args.kl_coef > 0:  # plus kl_coef KL(pi_theta || pi_ref) per step (not
@@ -396,9 +413,9 @@ def main(argv=None):
                                                                 args.cfg_scale)
                         kl_ref = kl_to_reference(mean, mean_ref, sigma[j])
                         loss = loss + args.kl_coef * kl_ref.mean()
-                        sums[1] += kl_ref.detach().sum()
+                        sums[1] += kl_ref.detach().sum() * (b > a)
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
+                    (loss * weight if dist.world > 1 else loss).backward()
                     if args.grad_clip > 0:
                         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
                     opt.step()
@@ -408,20 +425,21 @@ def main(argv=None):
                     window.append(loss.detach().float())
                     kls.append(0.5 * log_ratio.pow(2).mean())  # DDPO's approx_kl
                     clips.append(((ratio.detach() - 1).abs() > args.clip_range).double().mean())
-                    sums[0] += loss.detach() * len(i)
-                    sums[2] += clips[-1] * len(i)
-                    sums[3] += len(i)
+                    sums[0] += loss.detach() * (b - a)
+                    sums[2] += clips[-1] * (b - a)
+                    sums[3] += b - a
                     if step % LOG_EVERY == 0 or step == opt_steps:
-                        loss_mean = common.check_loss(window, step, args.lr)
-                        approx_kl = check_policy(kls, step, args.lr)
+                        loss_mean = common.check_loss(window, step, args.lr, dist=dist)
+                        approx_kl = check_policy(kls, step, args.lr, dist)
                         log.log(round=rnd, step=step, loss=loss_mean, approx_kl=approx_kl,
                                 clipfrac=torch.stack(clips).mean().item())
                         window, kls, clips = [], [], []
-                    if stop.requested:
+                    if dist.any(stop.requested):
+                        stop.requested = stop.requested or "SIGTERM"
                         stop.stop(f"in round {rnd} at optimiser step {step}", "rerun the same "
                                   f"command with --resume: it continues after round {rnd - 1}")
             common.check_weights(model, f"{step} of round {rnd}", args.lr)
-            tot = sums.tolist()
+            tot = (dist.mean(sums) * dist.world).tolist()  # totals over all ranks' rows
             stats = dict(reward_all_mean=r.mean().item(), reward_all_std=r.std().item(),
                          advantage_abs_mean=adv.abs().mean().item(), loss=tot[0] / tot[3],
                          clipfrac=tot[2] / tot[3], kl_ref=tot[1] / tot[3] if args.kl_coef else None,
@@ -439,12 +457,14 @@ def main(argv=None):
                   f"{stats['clipfrac']:.3f}{kl_text}, eval reward {ev['reward_mean']:.4f} (base "
                   f"{base_eval['reward_mean']:.4f}), samples {samples}", flush=True)
             # 6. checkpoint (the stat tracker's buffers travel in it)
-            save_checkpoint(ckpt_path, model, process, ema, opt, rnd, args,
-                            extra=dict(samples_generated=samples, history=history,
-                                       base_eval=base_eval, base=base_path, stats=tracker.state()))
+            if dist.main:
+                save_checkpoint(ckpt_path, model, process, ema, opt, rnd, args,
+                                extra=dict(samples_generated=samples, history=history,
+                                           base_eval=base_eval, base=base_path, stats=tracker.state()))
             if x_base is None:  # resumed: the base's samples again, for the pictures
                 x_base = evaluate(ref_net, "base (again, for the pictures)")[1]
-            pictures(task, reward, log, x_base, x_final, x0, rnd, cfg.get("num_classes") or 8)
+            if dist.main:
+                pictures(task, reward, log, x_base, x_final, x0, rnd, cfg.get("num_classes") or 8)
 
     summary = dict(task=task.name, method="ddpo", M=args.M, prompts=args.prompts,
                    rounds=args.rounds, samples_generated=samples, reward=reward.name,
@@ -469,11 +489,12 @@ def main(argv=None):
     return summary
 
 
-def check_policy(kls, step, lr):
+def check_policy(kls, step, lr, dist=None):
     """DDPO's approx_kl over the logged window (one host sync): non-finite or beyond KL_LIMIT nats
     per step means the updates left any trust region (a loss clipped by PPO can stay small while the
     policy explodes); raises Diverged before anything is written."""
-    v = torch.stack(kls).mean().item()
+    v = torch.stack(kls).mean()
+    v = (dist.mean(v) if dist is not None else v).item()  # every rank decides alike under torchrun
     if not math.isfinite(v) or v > KL_LIMIT:
         raise common.Diverged(f"the policy diverged by step {step} (approx KL {v:.4g} per step "
                               f"from the sampling policy); the learning rate --lr {lr:g} is likely "

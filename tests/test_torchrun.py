@@ -100,3 +100,17 @@ def test_batch_that_does_not_split_is_refused(bases, tmp_path):
     assert p.returncode != 0 and "--batch-size 63 must divide by the 2 processes" in p.stderr
     assert p.stderr.count("error: --batch-size 63") == 1  # one line, from rank 0
     assert not (tmp_path / "x").exists()
+
+
+def test_ddpo_two_processes_equal_one(bases, tmp_path):
+    """DDPO's chains are sharded and gathered like GRAFT's samples; each PPO minibatch is split over the ranks
+    and weighted so that DDP's average gradient is the whole minibatch's (a 9-row minibatch splits 5 + 4)."""
+    args = ["--base", str(bases / "ddpm" / "ckpt.pt"), "--prompts", "8", "--M", "4", "--rounds", "1",
+            "--sample-steps", "6", "--batch-size", "9", "--inner-epochs", "1", "--eval-samples", "100",
+            "--sample-batch", "16", "--device", "cpu"]
+    launch("ddpo.py", args + ["--out", str(tmp_path / "one")], 1)
+    launch("ddpo.py", args + ["--out", str(tmp_path / "two")], 2)
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("one", "two"))
+    assert max_diff(a, b) < 1e-5
+    sa, sb = (json.load(open(tmp_path / d / "summary.json")) for d in ("one", "two"))
+    assert abs(sa["reward_final"] - sb["reward_final"]) < 1e-4 * max(1.0, abs(sa["reward_final"]))
