@@ -4,6 +4,7 @@ divergence checks, devices, reference models, sampling in batches and pictures.
 Nothing here is an algorithm of the paper: the scripts keep those lines (the round, the losses, the
 optimiser step) visible in themselves. Every helper takes keyword arguments.
 """
+
 import argparse
 import json
 import math
@@ -15,8 +16,16 @@ import time
 
 import torch
 
-from models import (DDPM, CheckpointError, RectifiedFlow, TimeMLP, count_params, load_checkpoint,
-                    model_from_checkpoint, unet_from_preset)
+from models import (
+    DDPM,
+    CheckpointError,
+    RectifiedFlow,
+    TimeMLP,
+    count_params,
+    load_checkpoint,
+    model_from_checkpoint,
+    unet_from_preset,
+)
 from models.checkpoint import set_rng_state
 from tasks import DataError, UsageError
 
@@ -25,7 +34,8 @@ __all__ = ["DataError", "UsageError", "CheckpointError"]
 
 
 class Diverged(UsageError):
-    """A non-finite or exploding loss or weights; the run stops and keeps its last good checkpoint."""
+    """A non-finite or exploding loss or weights; the run stops and keeps its last good
+    checkpoint."""
 
 
 class Interrupted(Exception):
@@ -56,12 +66,17 @@ def run_main(main):
         print(f"stopped: {e}", file=sys.stderr)
         raise SystemExit(e.code) from None
     except KeyboardInterrupt:
-        print("stopped: interrupted (Ctrl-C); rerun the same command with --resume to continue from the last "
-              "checkpoint", file=sys.stderr)
+        print(
+            "stopped: interrupted (Ctrl-C); rerun the same command with --resume to continue from "
+            "the last "
+            "checkpoint",
+            file=sys.stderr,
+        )
         raise SystemExit(130) from None
     finally:
         if "torch.distributed" in sys.modules:
             import torch.distributed as dist
+
             if dist.is_available() and dist.is_initialized():
                 dist.destroy_process_group()
 
@@ -76,7 +91,9 @@ class StopSignals:
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. inside some test runners): leave the default
+            except (
+                ValueError
+            ):  # not the main thread (e.g. inside some test runners): leave the default
                 pass
 
     def _handle(self, signum, frame):
@@ -103,8 +120,11 @@ class Parser(argparse.ArgumentParser):
     """argparse with one-line errors (exit 2) and every default shown in --help."""
 
     def __init__(self, description, epilog=None):
-        super().__init__(description=description, epilog=epilog,
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(
+            description=description,
+            epilog=epilog,
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
 
     def error(self, message):
         fail(f"{message} (see --help)")
@@ -114,8 +134,13 @@ def parser(description, task_defaults=None):
     """A Parser whose epilog lists the script's per-task overrides of its defaults."""
     epilog = None
     if task_defaults:
-        epilog = "per-task defaults (override the ones above when --task is that task): " + "; ".join(
-            f"{t}: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in d.items()) for t, d in task_defaults.items())
+        epilog = (
+            "per-task defaults (override the ones above when --task is that task): "
+            + "; ".join(
+                f"{t}: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in d.items())
+                for t, d in task_defaults.items()
+            )
+        )
     return Parser(description, epilog)
 
 
@@ -124,7 +149,9 @@ def _number(cast, lo=None, hi=None, lo_open=False, what=None):
         try:
             v = cast(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what or cast.__name__}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"expected {what or cast.__name__}, got {text!r}"
+            ) from None
         if isinstance(v, float) and not math.isfinite(v):
             raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if lo is not None and (v <= lo if lo_open else v < lo):
@@ -132,6 +159,7 @@ def _number(cast, lo=None, hi=None, lo_open=False, what=None):
         if hi is not None and v > hi:
             raise argparse.ArgumentTypeError(f"must be <= {hi}, got {text}")
         return v
+
     check.__name__ = what or cast.__name__
     return check
 
@@ -149,23 +177,49 @@ def int_list(text):
     try:
         vals = sorted({int(v) for v in text.split(",") if v.strip()})
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list of integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated list of integers, got {text!r}"
+        ) from None
     if not vals or vals[0] < 1:
         raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
     return vals
 
 
 def add_run_args(p, task="toy2d"):
-    """The flags every script has: --task --out --seed --device --resume --data-dir --bf16 --compile."""
+    """The flags every script has: --task --out --seed --device --resume --data-dir --bf16
+    --compile."""
     from tasks import TASKS
-    p.add_argument("--task", default=task, choices=list(TASKS), help="task from tasks.py: data, sizes, defaults")
+
+    p.add_argument(
+        "--task",
+        default=task,
+        choices=list(TASKS),
+        help="task from tasks.py: data, sizes, defaults",
+    )
     p.add_argument("--out", default=None, help="output folder (None: runs/<script>/<task>...)")
-    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of every random draw (data order, noise, init)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt (flags that define the run must "
-                   "match the checkpoint's; see 'may change on resume' below)")
-    p.add_argument("--data-dir", default=None, help="where the task's data lies (None: the task's default; README)")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast for network calls (CUDA only)")
+    p.add_argument(
+        "--seed",
+        type=nonneg_int,
+        default=0,
+        help="seed of every random draw (data order, noise, init)",
+    )
+    p.add_argument(
+        "--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)"
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT/ckpt.pt (flags that define the run must "
+        "match the checkpoint's; see 'may change on resume' below)",
+    )
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="where the task's data lies (None: the task's default; README)",
+    )
+    p.add_argument(
+        "--bf16", action="store_true", help="bf16 autocast for network calls (CUDA only)"
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the network (CUDA only)")
     return p
 
@@ -174,8 +228,11 @@ def parse(p, argv=None, task_defaults=None, may_change=()):
     """Parse twice: once for --task, then with that task's overrides as defaults. Returns
     (args, given) where ``given`` is the set of flags typed on the command line."""
     if may_change:
-        p.epilog = (p.epilog + " | " if p.epilog else "") + "may change on resume: " + ", ".join(
-            f"--{k.replace('_', '-')}" for k in may_change)
+        p.epilog = (
+            (p.epilog + " | " if p.epilog else "")
+            + "may change on resume: "
+            + ", ".join(f"--{k.replace('_', '-')}" for k in may_change)
+        )
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--task", default=p.get_default("task"))
     task = pre.parse_known_args(argv)[0].task
@@ -201,14 +258,20 @@ def pick_device(name):
     try:
         dev = torch.device(name)
     except (RuntimeError, ValueError):
-        raise UsageError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or auto") from None
+        raise UsageError(
+            f"--device {name!r} is not a device; use cpu, cuda, cuda:N or auto"
+        ) from None
     if dev.type not in ("cpu", "cuda"):
         raise UsageError(f"--device {name!r}: only cpu and cuda are supported")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise UsageError(f"--device {name} asked for CUDA but none is available; use --device cpu")
+            raise UsageError(
+                f"--device {name} asked for CUDA but none is available; use --device cpu"
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
+            raise UsageError(
+                f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices"
+            )
     return dev
 
 
@@ -221,7 +284,8 @@ class Dist:
     """One process of ``torchrun --nproc_per_node=P`` (NCCL on GPUs, gloo on the CPU), or a plain
     process as rank 0 of 1. The scripts stay exact under any P: sampling is sharded by whole batches
     whose noise comes from per-batch generators, and gathered in batch order; every rank holds the
-    same accepted set; each rank trains on its rows of one global batch (DDP averages the gradients);
+    same accepted set; each rank trains on its rows of one global batch (DDP averages the
+    gradients);
     only rank 0 writes or prints."""
 
     def __init__(self, device):
@@ -231,6 +295,7 @@ class Dist:
         if self.world == 1:
             return
         import torch.distributed as dist
+
         if device.type == "cuda":
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(self.device)
@@ -250,7 +315,8 @@ class Dist:
         return lo, lo + per + (1 if self.rank < extra else 0)
 
     def rows(self, batch_size):
-        """This rank's rows of a global training batch (batch_size must divide by the world size)."""
+        """This rank's rows of a global training batch (batch_size must divide by the world
+        size)."""
         per = batch_size // self.world
         return slice(self.rank * per, (self.rank + 1) * per)
 
@@ -259,12 +325,15 @@ class Dist:
         if self.world == 1:
             return t
         import torch.distributed as dist
+
         n = torch.tensor([t.shape[0]], device=t.device)
         sizes = [torch.zeros_like(n) for _ in range(self.world)]
         dist.all_gather(sizes, n)
         sizes = [int(v) for v in sizes]
         pad = torch.zeros((max(sizes) - t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
-        parts = [torch.empty((max(sizes), *t.shape[1:]), dtype=t.dtype, device=t.device) for _ in sizes]
+        parts = [
+            torch.empty((max(sizes), *t.shape[1:]), dtype=t.dtype, device=t.device) for _ in sizes
+        ]
         dist.all_gather(parts, torch.cat([t, pad]))
         return torch.cat([p[:k] for p, k in zip(parts, sizes)])
 
@@ -273,6 +342,7 @@ class Dist:
         if self.world == 1:
             return x
         import torch.distributed as dist
+
         x = x.detach().clone()
         dist.all_reduce(x)
         return x / self.world
@@ -282,6 +352,7 @@ class Dist:
         if self.world == 1:
             return bool(flag)
         import torch.distributed as dist
+
         t = torch.tensor([1.0 if flag else 0.0], device=self.device)
         dist.all_reduce(t)
         return bool(t.item() > 0)
@@ -291,18 +362,22 @@ class Dist:
         if self.world == 1:
             return model
         from torch.nn.parallel import DistributedDataParallel
+
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
 
     def barrier(self):
         if self.world > 1:
             import torch.distributed as dist
+
             dist.barrier()
 
     def check_batch(self, batch_size, flag="--batch-size"):
         if batch_size % self.world:
-            raise UsageError(f"{flag} {batch_size} must divide by the {self.world} processes of torchrun; "
-                             f"use a multiple of {self.world}")
+            raise UsageError(
+                f"{flag} {batch_size} must divide by the {self.world} processes of torchrun; "
+                f"use a multiple of {self.world}"
+            )
 
 
 def print_derived(title, **quantities):
@@ -321,12 +396,15 @@ def check_out(out, what="--out"):
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"{what} {out} cannot be created or written ({parent} is not a writable folder); "
-                         f"pass another {what}")
+        raise UsageError(
+            f"{what} {out} cannot be created or written ({parent} is not a writable folder); "
+            f"pass another {what}"
+        )
 
 
 def strict(obj):
-    """JSON-safe values: non-finite floats become None (strict JSON has no NaN), tensors plain numbers."""
+    """JSON-safe values: non-finite floats become None (strict JSON has no NaN), tensors plain
+    numbers."""
     if isinstance(obj, dict):
         return {str(k): strict(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -366,8 +444,10 @@ def check_fresh(out, resume, names=RUN_FILES):
     summary and checkpoints silently."""
     found = [n for n in names if os.path.exists(os.path.join(out, n))]
     if found and not resume:
-        raise UsageError(f"--out {out} already holds a run ({', '.join(found)}); pass --resume to continue it, "
-                         f"or another --out (or delete that folder) to start afresh")
+        raise UsageError(
+            f"--out {out} already holds a run ({', '.join(found)}); pass --resume to continue it, "
+            f"or another --out (or delete that folder) to start afresh"
+        )
 
 
 class RunLog:
@@ -375,7 +455,8 @@ class RunLog:
 
     Create it only after every input is validated: it is the first thing that touches --out. A fresh
     run moves an earlier metrics.jsonl to metrics.prev.jsonl; a resumed one drops the rows logged
-    after its checkpoint (``resumed_at``), so an interrupted-and-resumed log equals an uninterrupted one."""
+    after its checkpoint (``resumed_at``), so an interrupted-and-resumed log equals an
+    uninterrupted one."""
 
     def __init__(self, out, args, resumed_at=None, run_files=RUN_FILES, write=True):
         check_fresh(out, getattr(args, "resume", False), run_files)
@@ -424,16 +505,24 @@ def _same(a, b):
 def check_resume(ckpt, args, may_change, path):
     """Refuse to resume a checkpoint made with other defining arguments (all but ``may_change``)."""
     old = ckpt.get("args") or {}
-    diff = [k for k, v in vars(args).items() if k not in may_change and k != "resume" and k in old
-            and not _same(old[k], v)]
+    diff = [
+        k
+        for k, v in vars(args).items()
+        if k not in may_change and k != "resume" and k in old and not _same(old[k], v)
+    ]
     if diff:
-        shown = ", ".join(f"--{k.replace('_', '-')} {old[k]!r} -> {getattr(args, k)!r}" for k in diff)
-        raise UsageError(f"{path} was made with other arguments ({shown}); rerun with the checkpoint's values, "
-                         f"or drop --resume and pass another --out")
+        shown = ", ".join(
+            f"--{k.replace('_', '-')} {old[k]!r} -> {getattr(args, k)!r}" for k in diff
+        )
+        raise UsageError(
+            f"{path} was made with other arguments ({shown}); rerun with the checkpoint's values, "
+            f"or drop --resume and pass another --out"
+        )
 
 
 def load_resume(path, args, may_change):
-    """The checkpoint to resume from (checked against ``args``), or None, saying "starting fresh"."""
+    """The checkpoint to resume from (checked against ``args``), or None, saying "starting
+    fresh"."""
     if not args.resume:
         return None
     if not os.path.exists(path):
@@ -456,7 +545,9 @@ def restore(ckpt, model, ema, opt):
 
 
 # ---------------------------------------------------------------- divergence ----
-LOSS_LIMIT = 1e3  # every loss here is a mean squared error of O(1) quantities: 1e3 means it has exploded
+LOSS_LIMIT = (
+    1e3  # every loss here is a mean squared error of O(1) quantities: 1e3 means it has exploded
+)
 
 
 def check_loss(losses, step, lr, flag="--lr", dist=None):
@@ -466,8 +557,11 @@ def check_loss(losses, step, lr, flag="--lr", dist=None):
     mean = torch.stack(losses).mean()
     mean = (dist.mean(mean) if dist is not None else mean).item()
     if not math.isfinite(mean) or mean > LOSS_LIMIT:
-        raise Diverged(f"training diverged by step {step} (mean loss {mean:.4g}); the learning rate {flag} {lr:g} "
-                       f"is likely too high: lower it. The last good checkpoint was kept")
+        raise Diverged(
+            f"training diverged by step {step} (mean loss {mean:.4g}); the learning rate {flag} "
+            f"{lr:g} "
+            f"is likely too high: lower it. The last good checkpoint was kept"
+        )
     return mean
 
 
@@ -475,8 +569,11 @@ def check_weights(model, step, lr, flag="--lr"):
     """Refuse to checkpoint or evaluate non-finite weights (one host sync)."""
     ok = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all().item()
     if not ok:
-        raise Diverged(f"the weights hold NaN/inf at step {step}; the learning rate {flag} {lr:g} is likely too "
-                       f"high: lower it. The last good checkpoint was kept")
+        raise Diverged(
+            f"the weights hold NaN/inf at step {step}; the learning rate {flag} {lr:g} is likely "
+            f"too "
+            f"high: lower it. The last good checkpoint was kept"
+        )
 
 
 # ---------------------------------------------------------------- models ----
@@ -487,7 +584,9 @@ def build_network(task, model_kind, preset=None, conditional=None):
     cd = task.cond_dim if conditional else 0
     if task.kind == "points":
         if preset != "mlp":  # an unknown or image preset used to be ignored silently
-            raise UsageError(f"--preset {preset!r}: the {task.name} network is the 2-D MLP; use --preset mlp")
+            raise UsageError(
+                f"--preset {preset!r}: the {task.name} network is the 2-D MLP; use --preset mlp"
+            )
         return TimeMLP(dim=2, hidden=256, depth=3, num_classes=nc, cond_dim=cd)
     try:
         return unet_from_preset(preset, task.image_size, task.channels, num_classes=nc, cond_dim=cd)
@@ -514,18 +613,36 @@ def ensure_base(path, task, model_kind, seed=0, device="auto", data_dir=None):
     path = default_base_path(task.name, model_kind)
     if os.path.isfile(path):
         return path
-    argv = ["--task", task.name, "--model", model_kind, "--out", os.path.dirname(path), "--seed", str(seed),
-            "--device", device] + (["--data-dir", data_dir] if data_dir else [])
-    print(f"no reference model at {path}: pretraining it first with {task.name}'s default budget "
-          f"(python pretrain.py {' '.join(argv)}). Faster routes: --base PATH to a checkpoint you have, "
-          f"--base diffusers:PATH_OR_REPO_ID for a pretrained diffusers UNet2DModel, or pretrain a smaller "
-          f"model yourself (python pretrain.py --task {task.name} --preset tiny --train-steps 2000) and "
-          f"pass it with --base. What the pretraining costs here:", flush=True)
+    argv = [
+        "--task",
+        task.name,
+        "--model",
+        model_kind,
+        "--out",
+        os.path.dirname(path),
+        "--seed",
+        str(seed),
+        "--device",
+        device,
+    ] + (["--data-dir", data_dir] if data_dir else [])
+    print(
+        f"no reference model at {path}: pretraining it first with {task.name}'s default budget "
+        f"(python pretrain.py {' '.join(argv)}). Faster routes: --base PATH to a checkpoint you "
+        f"have, "
+        f"--base diffusers:PATH_OR_REPO_ID for a pretrained diffusers UNet2DModel, or pretrain a "
+        f"smaller "
+        f"model yourself (python pretrain.py --task {task.name} --preset tiny --train-steps 2000) "
+        f"and "
+        f"pass it with --base. What the pretraining costs here:",
+        flush=True,
+    )
     rc = run_script("pretrain.py", argv + ["--dry-run"])
     if rc == 0:
         rc = run_script("pretrain.py", argv)
     if rc != 0 or not os.path.isfile(path):
-        raise UsageError(f"pretraining the reference failed (exit {rc}, see above); fix that, or pass --base")
+        raise UsageError(
+            f"pretraining the reference failed (exit {rc}, see above); fix that, or pass --base"
+        )
     return path
 
 
@@ -535,27 +652,38 @@ def run_script(name, argv):
 
 
 def load_base(path, device, task=None):
-    """(model, process, ckpt) of a reference model; EMA weights, frozen. ``diffusers:PATH_OR_REPO_ID``
+    """(model, process, ckpt) of a reference model; EMA weights, frozen.
+    ``diffusers:PATH_OR_REPO_ID``
     loads a pretrained diffusers UNet2DModel and maps its scheduler (models/diffusers_unet.py)."""
     if str(path).startswith("diffusers:"):
         from models.diffusers_unet import DiffusersError, load
+
         try:
             model, process, ckpt = load(path, device)
         except DiffusersError as e:
             raise UsageError(str(e)) from None
         if task is not None and (task.kind != "image" or model.config["in_ch"] != task.channels):
-            raise UsageError(f"{path} takes {model.config['in_ch']}-channel images; task {task.name} has "
-                             f"{task.shape()}: pass the task its images match")
+            raise UsageError(
+                f"{path} takes {model.config['in_ch']}-channel images; task {task.name} has "
+                f"{task.shape()}: pass the task its images match"
+            )
         return model.requires_grad_(False), process, ckpt
     ckpt = load_checkpoint(path)
-    if task is not None:  # a model of another task (or network kind) is refused before it meets the task's data
+    if (
+        task is not None
+    ):  # a model of another task (or network kind) is refused before it meets the task's data
         made_for = ckpt["args"].get("task") if isinstance(ckpt.get("args"), dict) else None
         cfg = ckpt["model_config"]
-        fits = (cfg.get("kind") == "mlp" and cfg.get("dim") == 2) if task.kind == "points" else \
-            (cfg.get("kind") in ("unet", "diffusers") and cfg.get("in_ch") == task.channels)
+        fits = (
+            (cfg.get("kind") == "mlp" and cfg.get("dim") == 2)
+            if task.kind == "points"
+            else (cfg.get("kind") in ("unet", "diffusers") and cfg.get("in_ch") == task.channels)
+        )
         if made_for not in (None, task.name) or not fits:
-            raise UsageError(f"{path} is a model of task {made_for or '?'} ({cfg.get('kind')} network), not of "
-                             f"{task.name}; pass --task {made_for or '...'} or a {task.name} base")
+            raise UsageError(
+                f"{path} is a model of task {made_for or '?'} ({cfg.get('kind')} network), not of "
+                f"{task.name}; pass --task {made_for or '...'} or a {task.name} base"
+            )
     model, process = model_from_checkpoint(ckpt, device)
     return model.requires_grad_(False), process, ckpt
 
@@ -570,6 +698,7 @@ def wrap_net(model, bf16=False, compile=False):
     def call(x, t, y=None):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             return net(x, t, y).float()
+
     return call
 
 
@@ -586,8 +715,11 @@ def progress(iterable, desc, total=None, every_s=None):
     (PROGRESS_EVERY_S), so logs of batch jobs show a long loop moving."""
     if sys.stderr.isatty():
         from tqdm import tqdm
+
         return tqdm(iterable, desc=desc, total=total, mininterval=2)
-    return _lines(iterable, desc, total if total is not None else _len(iterable), every_s or PROGRESS_EVERY_S)
+    return _lines(
+        iterable, desc, total if total is not None else _len(iterable), every_s or PROGRESS_EVERY_S
+    )
 
 
 def _len(iterable):
@@ -608,20 +740,38 @@ def _lines(iterable, desc, total, every_s):
         yield item
 
 
-def generate(model, process, task, n, gen, batch_size=1000, y=None, num_steps=None, eta=1.0, flow_method="euler",
-             show_progress=False):
+def generate(
+    model,
+    process,
+    task,
+    n,
+    gen,
+    batch_size=1000,
+    y=None,
+    num_steps=None,
+    eta=1.0,
+    flow_method="euler",
+    show_progress=False,
+):
     """n samples from a model with the task's default sampler: DDPM ancestral (eta=1) over
     ``num_steps`` (default task.sample_steps) or Euler over task.flow_steps. Returns CPU tensor."""
     dev = next(model.parameters()).device if isinstance(model, torch.nn.Module) else gen.device
     out = []
     starts = range(0, n, batch_size)
-    for i in (progress(starts, "sample") if show_progress else starts):
+    for i in progress(starts, "sample") if show_progress else starts:
         b = min(batch_size, n - i)
-        yb = y[i:i + b] if y is not None else None
+        yb = y[i : i + b] if y is not None else None
         z = torch.randn((b, *task.shape()), generator=gen, device=dev)
         if isinstance(process, DDPM):
-            x, _ = process.sample(model, z, y=yb, generator=gen, eta=eta, num_steps=num_steps or task.sample_steps,
-                                  clip=task.kind == "image")
+            x, _ = process.sample(
+                model,
+                z,
+                y=yb,
+                generator=gen,
+                eta=eta,
+                num_steps=num_steps or task.sample_steps,
+                clip=task.kind == "image",
+            )
         else:
             x = process.sample(model, z, num_steps or task.flow_steps, y=yb, method=flow_method)
         out.append(x.clamp(-1, 1).cpu() if task.kind == "image" else x.cpu())
@@ -630,15 +780,20 @@ def generate(model, process, task, n, gen, batch_size=1000, y=None, num_steps=No
 
 def save_grid(images, path, nrow=None):
     import torchvision
+
     nrow = nrow or int(math.ceil(math.sqrt(len(images))))
-    torchvision.utils.save_image(images.float().add(1).div(2).clamp(0, 1), path, nrow=nrow, padding=1)
+    torchvision.utils.save_image(
+        images.float().add(1).div(2).clamp(0, 1), path, nrow=nrow, padding=1
+    )
 
 
 def plot_points(sets, path, title="", background=None):
     """Scatter one or more 2-D point sets side by side; background=(fn, label) shades a reward."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, len(sets), figsize=(4 * len(sets), 4), squeeze=False)
     for ax, (name, pts) in zip(axes[0], sets.items()):
         if background is not None:

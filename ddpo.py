@@ -22,6 +22,7 @@ Writes OUT/args.json, metrics.jsonl (a line per round and per 100 optimiser step
 (graft.py's fields, method "ddpo"), ckpt.pt after every round (--resume continues after the last
 finished round) and pictures. Default OUT: runs/ddpo/<task>.
 """
+
 import argparse
 import math
 import os
@@ -39,6 +40,7 @@ from tasks import UsageError, get_task
 
 # Per-task overrides of the defaults in get_args. Samples per round = prompts x M. toy2d's were
 # chosen on the 2-core CPU (README); the image ones are untuned starting points.
+# fmt: off
 IMAGE = dict(prompts=32, M=4, rounds=10, sample_steps=50, batch_size=64, lr=1e-5, ema_decay=0.99,
              buffer_size=128, eval_samples=256, sample_batch=32)
 TASK_DEFAULTS = {
@@ -48,10 +50,10 @@ TASK_DEFAULTS = {
                   ema_decay=0.9, buffer_size=160, eval_samples=1000, sample_batch=800),
     "celeba": IMAGE, "celebahq": IMAGE, "church": IMAGE,
 }
+# fmt: on
 # Flags that may differ between a run and its --resume (--lr: resume a diverged run with a lower
 # one); all others must match the checkpoint's.
-MAY_CHANGE = ("out", "device", "compile", "data_dir", "lr", "rounds", "eval_samples",
-              "fid_samples")
+MAY_CHANGE = ("out", "device", "compile", "data_dir", "lr", "rounds", "eval_samples", "fid_samples")
 LOG_EVERY = 100  # optimiser steps per logged loss (one host sync each)
 KL_LIMIT = 1e3  # approx KL (nats per step) from the sampling policy beyond which the run exploded
 
@@ -66,68 +68,161 @@ def fraction(text):
 def get_args(argv=None):
     p = common.parser(__doc__.splitlines()[0], TASK_DEFAULTS)
     common.add_run_args(p)
-    p.add_argument("--base", default=None, help="reference DDPM checkpoint (None: "
-                   "runs/pretrain/<task>-ddpm/ckpt.pt, pretrained first when absent)")
-    p.add_argument("--reward", default=None, help="reward (None: toy2d linear, mnist digit, celeba "
-                   "attributes or smiling, others jpeg): linear[:DEG], digit[:K], attributes, "
-                   "<celeba attribute>[+...], jpeg, jpeg-incompressibility")
-    p.add_argument("--classifier", default=None, help="reward classifier checkpoint (None: "
-                   "runs/rewards/<task>-classifier.pt, trained first when absent)")
-    p.add_argument("--prompts", type=common.pos_int, default=256, help="conditions per round "
-                   "(labels cycle 0..9 on MNIST; real attribute rows on CelebA; toy2d has one)")
+    p.add_argument(
+        "--base",
+        default=None,
+        help="reference DDPM checkpoint (None: "
+        "runs/pretrain/<task>-ddpm/ckpt.pt, pretrained first when absent)",
+    )
+    p.add_argument(
+        "--reward",
+        default=None,
+        help="reward (None: toy2d linear, mnist digit, celeba "
+        "attributes or smiling, others jpeg): linear[:DEG], digit[:K], attributes, "
+        "<celeba attribute>[+...], jpeg, jpeg-incompressibility",
+    )
+    p.add_argument(
+        "--classifier",
+        default=None,
+        help="reward classifier checkpoint (None: "
+        "runs/rewards/<task>-classifier.pt, trained first when absent)",
+    )
+    p.add_argument(
+        "--prompts",
+        type=common.pos_int,
+        default=256,
+        help="conditions per round "
+        "(labels cycle 0..9 on MNIST; real attribute rows on CelebA; toy2d has one)",
+    )
     p.add_argument("--M", type=common.pos_int, default=8, help="chains per condition per round")
     p.add_argument("--rounds", type=common.pos_int, default=8, help="sample -> PPO rounds")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm",
-                   help="ddpm: ancestral (eta = 1); ddim: generalised DDIM with --eta > 0")
-    p.add_argument("--eta", type=common.nonneg_float, default=1.0, help="DDIM eta of --sampler "
-                   "ddim (> 0: a policy needs a density; --sampler ddpm is eta = 1)")
-    p.add_argument("--sample-steps", type=common.pos_int, default=50,
-                   help="sampler steps over the N-step chain (the MDP's horizon)")
-    p.add_argument("--cfg-scale", type=common.nonneg_float, default=0.0, help="classifier-free "
-                   "guidance weight w: eps_u + (1 + w)(eps_c - eps_u); needs a base pretrained "
-                   "with --cond-drop > 0")
+    p.add_argument(
+        "--sampler",
+        choices=["ddpm", "ddim"],
+        default="ddpm",
+        help="ddpm: ancestral (eta = 1); ddim: generalised DDIM with --eta > 0",
+    )
+    p.add_argument(
+        "--eta",
+        type=common.nonneg_float,
+        default=1.0,
+        help="DDIM eta of --sampler "
+        "ddim (> 0: a policy needs a density; --sampler ddpm is eta = 1)",
+    )
+    p.add_argument(
+        "--sample-steps",
+        type=common.pos_int,
+        default=50,
+        help="sampler steps over the N-step chain (the MDP's horizon)",
+    )
+    p.add_argument(
+        "--cfg-scale",
+        type=common.nonneg_float,
+        default=0.0,
+        help="classifier-free "
+        "guidance weight w: eps_u + (1 + w)(eps_c - eps_u); needs a base pretrained "
+        "with --cond-drop > 0",
+    )
     # PPO (DDPO's defaults for Stable Diffusion in brackets)
-    p.add_argument("--inner-epochs", type=common.pos_int, default=1,
-                   help="passes over each round's transitions [1]")
-    p.add_argument("--batch-size", type=common.pos_int, default=2048,
-                   help="transitions per PPO minibatch (one optimiser step each)")
-    p.add_argument("--timestep-fraction", type=fraction, default=1.0, help="train a random "
-                   "fraction of each chain's steps per inner epoch [1.0]")
-    p.add_argument("--clip-range", type=common.pos_float, default=0.1, help="PPO clips the ratio "
-                   "to [1 - c, 1 + c] [1e-4 on a ratio averaged over latent dims; see README]")
-    p.add_argument("--adv-clip", type=common.pos_float, default=5.0,
-                   help="clip the normalised advantages to [-A, A] [5]")
-    p.add_argument("--buffer-size", type=common.pos_int, default=2048, help="per-condition stat "
-                   "tracking: recent rewards kept for each condition [16]")
-    p.add_argument("--min-count", type=common.pos_int, default=16, help="rewards a condition needs "
-                   "before its own statistics replace the round's [16]")
-    p.add_argument("--kl-coef", type=common.nonneg_float, default=0.0, help="weight of the "
-                   "per-step KL(pi_theta || pi_ref) = ||mean_theta - mean_ref||^2 / (2 sigma^2) "
-                   "[0]")
-    p.add_argument("--lr", type=common.pos_float, default=3e-4,
-                   help="AdamW learning rate, constant [3e-4 for LoRA]")
-    p.add_argument("--grad-clip", type=common.nonneg_float, default=1.0,
-                   help="clip the gradient norm (0: off) [1.0]")
-    p.add_argument("--ema-decay", type=common.unit_float, default=0.9, help="EMA decay of the "
-                   "weights that are evaluated (warmed up as min(d, (1+s)/(10+s)))")
-    p.add_argument("--eval-samples", type=common.pos_int, default=5000,
-                   help="fresh samples per evaluation")
-    p.add_argument("--fid-samples", type=int, default=-1, help="samples for FID of image tasks "
-                   "(-1: 5000 on CUDA, 0 on CPU; 0: none)")
-    p.add_argument("--sample-batch", type=common.pos_int, default=4000,
-                   help="chains per sampler call (memory)")
+    p.add_argument(
+        "--inner-epochs",
+        type=common.pos_int,
+        default=1,
+        help="passes over each round's transitions [1]",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=common.pos_int,
+        default=2048,
+        help="transitions per PPO minibatch (one optimiser step each)",
+    )
+    p.add_argument(
+        "--timestep-fraction",
+        type=fraction,
+        default=1.0,
+        help="train a random fraction of each chain's steps per inner epoch [1.0]",
+    )
+    p.add_argument(
+        "--clip-range",
+        type=common.pos_float,
+        default=0.1,
+        help="PPO clips the ratio "
+        "to [1 - c, 1 + c] [1e-4 on a ratio averaged over latent dims; see README]",
+    )
+    p.add_argument(
+        "--adv-clip",
+        type=common.pos_float,
+        default=5.0,
+        help="clip the normalised advantages to [-A, A] [5]",
+    )
+    p.add_argument(
+        "--buffer-size",
+        type=common.pos_int,
+        default=2048,
+        help="per-condition stat tracking: recent rewards kept for each condition [16]",
+    )
+    p.add_argument(
+        "--min-count",
+        type=common.pos_int,
+        default=16,
+        help="rewards a condition needs before its own statistics replace the round's [16]",
+    )
+    p.add_argument(
+        "--kl-coef",
+        type=common.nonneg_float,
+        default=0.0,
+        help="weight of the "
+        "per-step KL(pi_theta || pi_ref) = ||mean_theta - mean_ref||^2 / (2 sigma^2) "
+        "[0]",
+    )
+    p.add_argument(
+        "--lr",
+        type=common.pos_float,
+        default=3e-4,
+        help="AdamW learning rate, constant [3e-4 for LoRA]",
+    )
+    p.add_argument(
+        "--grad-clip",
+        type=common.nonneg_float,
+        default=1.0,
+        help="clip the gradient norm (0: off) [1.0]",
+    )
+    p.add_argument(
+        "--ema-decay",
+        type=common.unit_float,
+        default=0.9,
+        help="EMA decay of the weights that are evaluated (warmed up as min(d, (1+s)/(10+s)))",
+    )
+    p.add_argument(
+        "--eval-samples", type=common.pos_int, default=5000, help="fresh samples per evaluation"
+    )
+    p.add_argument(
+        "--fid-samples",
+        type=int,
+        default=-1,
+        help="samples for FID of image tasks (-1: 5000 on CUDA, 0 on CPU; 0: none)",
+    )
+    p.add_argument(
+        "--sample-batch", type=common.pos_int, default=4000, help="chains per sampler call (memory)"
+    )
     args, given = common.parse(p, argv, TASK_DEFAULTS, MAY_CHANGE)
     if args.fid_samples < -1:
         p.error(f"argument --fid-samples: must be >= -1, got {args.fid_samples}")
     if args.sampler == "ddpm" and "eta" in given and args.eta != 1.0:
-        p.error(f"--eta {args.eta} with --sampler ddpm: ancestral sampling is eta = 1; use "
-                f"--sampler ddim --eta {args.eta}")
+        p.error(
+            f"--eta {args.eta} with --sampler ddpm: ancestral sampling is eta = 1; use "
+            f"--sampler ddim --eta {args.eta}"
+        )
     if args.eta == 0:
-        p.error("--sampler ddim --eta 0 is deterministic: its steps have no density, so there is "
-                "no policy log-probability for DDPO; use --sampler ddpm or --eta > 0")
+        p.error(
+            "--sampler ddim --eta 0 is deterministic: its steps have no density, so there is "
+            "no policy log-probability for DDPO; use --sampler ddpm or --eta > 0"
+        )
     if args.min_count > args.buffer_size:
-        p.error(f"--min-count {args.min_count} exceeds --buffer-size {args.buffer_size}: no "
-                f"condition could ever use its own statistics")
+        p.error(
+            f"--min-count {args.min_count} exceeds --buffer-size {args.buffer_size}: no "
+            f"condition could ever use its own statistics"
+        )
     return args
 
 
@@ -201,12 +296,15 @@ def action_sigmas(process, actions, eta, device):
     """sigma and log sigma of each action n -> m, computed as the sampler computes them (python
     math: torch's float64 sqrt and log can differ from it in the last bit), as (T,) float64."""
     sig = [process.sigma(n, m, eta) for n, m in actions]
-    return (torch.tensor(sig, dtype=torch.float64, device=device),
-            torch.tensor([math.log(v) for v in sig], dtype=torch.float64, device=device))
+    return (
+        torch.tensor(sig, dtype=torch.float64, device=device),
+        torch.tensor([math.log(v) for v in sig], dtype=torch.float64, device=device),
+    )
 
 
-def transition_logp(process, net, x_n, x_m, n, m, sigma, log_sigma, y, eta, clip=False,
-                    cfg_scale=0.0):
+def transition_logp(
+    process, net, x_n, x_m, n, m, sigma, log_sigma, y, eta, clip=False, cfg_scale=0.0
+):
     """log pi_theta(x_m | x_n) of a minibatch of stored transitions, each row at its own step
     n -> m ((B,) long tensors; sigma, log_sigma (B,) rows of ``action_sigmas``), by the sampler's
     own formula (DDPM.step_mean_std), so that before any update it equals the recorded value bit
@@ -225,36 +323,49 @@ def kl_to_reference(mean, mean_ref, sigma):
 def main(argv=None):
     args = get_args(argv)
     task = get_task(args.task)
-    dist = common.Dist(common.pick_device(args.device))  # torchrun: this rank; a plain process: rank 0 of 1
+    dist = common.Dist(
+        common.pick_device(args.device)
+    )  # torchrun: this rank; a plain process: rank 0 of 1
     device = dist.device
     args.out = args.out or os.path.join("runs", "ddpo", task.name)
     common.check_out(args.out)
     eta = 1.0 if args.sampler == "ddpm" else args.eta
-    fid_samples = 0 if task.kind != "image" else (
-        args.fid_samples if args.fid_samples >= 0 else (5000 if device.type == "cuda" else 0))
+    fid_samples = (
+        0
+        if task.kind != "image"
+        else (args.fid_samples if args.fid_samples >= 0 else (5000 if device.type == "cuda" else 0))
+    )
     clip = task.kind == "image"
     torch.manual_seed(args.seed)
 
     # ---- the frozen reference, the reward and the policy; checked before --out is touched
-    base_path = common.ensure_base(args.base, task, "ddpm", seed=args.seed, device=args.device,
-                                   data_dir=args.data_dir)
+    base_path = common.ensure_base(
+        args.base, task, "ddpm", seed=args.seed, device=args.device, data_dir=args.data_dir
+    )
     ref, process, base_ckpt = common.load_base(base_path, device, task=task)
     if not isinstance(process, DDPM):
-        raise UsageError(f"{base_path} is not a DDPM (process {base_ckpt.get('process')}); DDPO "
-                         f"fine-tunes DDPMs")
+        raise UsageError(
+            f"{base_path} is not a DDPM (process {base_ckpt.get('process')}); DDPO fine-tunes DDPMs"
+        )
     if args.sample_steps > process.N:
-        raise UsageError(f"--sample-steps {args.sample_steps} exceeds the chain's N = {process.N}; "
-                         f"use at most {process.N}")
+        raise UsageError(
+            f"--sample-steps {args.sample_steps} exceeds the chain's N = {process.N}; "
+            f"use at most {process.N}"
+        )
     cfg = ref.config
     conditional = bool(cfg.get("num_classes") or cfg.get("cond_dim"))
-    if args.cfg_scale > 0 and not (conditional and
-                                   (base_ckpt.get("args") or {}).get("cond_drop", 0) > 0):
-        raise UsageError(f"--cfg-scale {args.cfg_scale} needs a conditional base pretrained with "
-                         f"--cond-drop > 0 (its null condition is untrained otherwise); "
-                         f"{base_path} is not one")
+    if args.cfg_scale > 0 and not (
+        conditional and (base_ckpt.get("args") or {}).get("cond_drop", 0) > 0
+    ):
+        raise UsageError(
+            f"--cfg-scale {args.cfg_scale} needs a conditional base pretrained with "
+            f"--cond-drop > 0 (its null condition is untrained otherwise); "
+            f"{base_path} is not one"
+        )
     data = task.dataset("train", args.data_dir) if cfg.get("cond_dim") else None
-    reward = rewards.get_reward(args.reward, task, device, conditional, args.data_dir,
-                                args.classifier)
+    reward = rewards.get_reward(
+        args.reward, task, device, conditional, args.data_dir, args.classifier
+    )
     args.reward = reward.name
     # the policy pi_theta: a copy of the reference. It stays in eval mode (no dropout) while it is
     # trained, so that the policy the PPO ratio compares is the one that sampled.
@@ -269,8 +380,10 @@ def main(argv=None):
     actions = [(n, m) for n, m in zip(grid[:-1], grid[1:]) if process.sigma(n, m, eta) > 0]
     T = len(actions)
     if T == 0:
-        raise UsageError(f"--sample-steps {args.sample_steps}: the chain has no stochastic step "
-                         f"(the step to n = 0 is deterministic); use --sample-steps >= 2")
+        raise UsageError(
+            f"--sample-steps {args.sample_steps}: the chain has no stochastic step "
+            f"(the step to n = 0 is deterministic); use --sample-steps >= 2"
+        )
     step_n = torch.tensor([n for n, _ in actions], device=device)
     step_m = torch.tensor([m for _, m in actions], device=device)
     sigma, log_sigma = action_sigmas(process, actions, eta, device)
@@ -290,32 +403,39 @@ def main(argv=None):
         base_eval, stat_state = extra["base_eval"], extra["stats"]
         print(f"resumed from {ckpt_path} after round {done} ({samples} samples generated)")
     tracker = PerConditionStats(args.buffer_size, args.min_count, stat_state)
-    log = common.RunLog(args.out, args, resumed_at=("round", done) if ckpt is not None else None,
-                        write=dist.main)
-    state_mb = per_round * (T + 1) * math.prod(task.shape()) * 4 / 2 ** 20
+    log = common.RunLog(
+        args.out, args, resumed_at=("round", done) if ckpt is not None else None, write=dist.main
+    )
+    state_mb = per_round * (T + 1) * math.prod(task.shape()) * 4 / 2**20
     common.print_derived(
-        f"ddpo on {task.name}", device=device, base=base_path, conditional=conditional,
+        f"ddpo on {task.name}",
+        device=device,
+        base=base_path,
+        conditional=conditional,
         reward=f"{reward.name}: {reward.description}",
         samples_per_round=f"{args.prompts} conditions x M={args.M} = {per_round}",
-        rounds=args.rounds, sample_budget=args.rounds * per_round,
+        rounds=args.rounds,
+        sample_budget=args.rounds * per_round,
         sampler=f"{args.sampler} eta={eta}, {args.sample_steps} steps over N={process.N}, "
-                f"cfg {args.cfg_scale}",
+        f"cfg {args.cfg_scale}",
         mdp=f"{T} stochastic steps per chain (+1 deterministic to n = 0); states kept "
-            f"{state_mb:.1f} MiB per round",
+        f"{state_mb:.1f} MiB per round",
         ppo=f"clip {args.clip_range}, {args.inner_epochs} inner epoch(s) x {k_steps} of {T} steps "
-            f"per chain = {n_trans} transitions per epoch, minibatch {args.batch_size}",
+        f"per chain = {n_trans} transitions per epoch, minibatch {args.batch_size}",
         optimiser_steps_per_round=opt_steps,
         advantages=f"per condition, buffer {args.buffer_size}, min count {args.min_count}, "
-                   f"clipped to +-{args.adv_clip}",
+        f"clipped to +-{args.adv_clip}",
         kl_to_reference=args.kl_coef,
         optimiser=f"AdamW lr {args.lr} (constant), grad clip {args.grad_clip}, "
-                  f"EMA {ema.describe()}",
+        f"EMA {ema.describe()}",
         eval=f"{args.eval_samples} samples" + (f", FID on {fid_samples}" if fid_samples else ""),
-        out=args.out)
+        out=args.out,
+    )
 
     def sample_chains(net, y, n, seed):
         """1. n chains of the policy ``net``, in batches: (states, log pi_old, X_0). Batch k draws
-        from its own generator (seed, k); under torchrun each rank runs its share, then all gather."""
+        from its own generator (seed, k); under torchrun each rank runs its share, then all
+        gather."""
         states = [torch.zeros((0, T + 1, *task.shape()), device=device)]
         logps = [torch.zeros((0, T), dtype=torch.float64, device=device)]
         x0s = [torch.zeros((0, *task.shape()), device=device)]
@@ -325,12 +445,16 @@ def main(argv=None):
             gen = common.generator(seed * 100_003 + i // args.sample_batch, device)
             b = min(args.sample_batch, n - i)
             x = torch.randn((b, *task.shape()), generator=gen, device=device)
-            yb = y[i:i + b] if y is not None else None
+            yb = y[i : i + b] if y is not None else None
             xs, lp, x0 = rollout(process, net, x, yb, grid, eta, gen, clip, args.cfg_scale)
             states.append(xs)
             logps.append(lp)
             x0s.append(x0.clamp(-1, 1) if clip else x0)
-        return dist.gather(torch.cat(states)), dist.gather(torch.cat(logps)), dist.gather(torch.cat(x0s))
+        return (
+            dist.gather(torch.cat(states)),
+            dist.gather(torch.cat(logps)),
+            dist.gather(torch.cat(x0s)),
+        )
 
     @torch.no_grad()
     def draw(net, y, n, seed):
@@ -343,21 +467,37 @@ def main(argv=None):
             gen = common.generator(seed * 100_003 + i // args.sample_batch, device)
             b = min(args.sample_batch, n - i)
             x = torch.randn((b, *task.shape()), generator=gen, device=device)
-            yb = y[i:i + b] if y is not None else None
-            x, _ = process.sample(net, x, None, 0, yb, gen, eta, args.sample_steps, clip=clip,
-                                  cfg_scale=args.cfg_scale)
+            yb = y[i : i + b] if y is not None else None
+            x, _ = process.sample(
+                net,
+                x,
+                None,
+                0,
+                yb,
+                gen,
+                eta,
+                args.sample_steps,
+                clip=clip,
+                cfg_scale=args.cfg_scale,
+            )
             xs.append(x.clamp(-1, 1) if clip else x)
         return dist.gather(torch.cat(xs))
 
     def evaluate(net, tag):
         n = max(args.eval_samples, fid_samples)
         seed = args.seed + 999_983  # graft.py's conditions and noise, for the base and every round
-        y = (task.sample_conditions(n, common.generator(seed, device), device, data)
-             if conditional else None)
+        y = (
+            task.sample_conditions(n, common.generator(seed, device), device, data)
+            if conditional
+            else None
+        )
         x = draw(net, y, n, seed)
         ev = evaluate_samples(x, y, reward, task, args.eval_samples, fid, None, args.sample_batch)
-        print(f"   eval {tag}: " + ", ".join(f"{k}={v:.4f}" for k, v in ev.items()
-                                             if isinstance(v, float)), flush=True)
+        print(
+            f"   eval {tag}: "
+            + ", ".join(f"{k}={v:.4f}" for k, v in ev.items() if isinstance(v, float)),
+            flush=True,
+        )
         return ev, x
 
     x_base = None
@@ -369,8 +509,11 @@ def main(argv=None):
             gen = common.generator(args.seed * 1000 + rnd, device)
             # 1. M chains per condition from the current policy (on-policy), every step recorded
             policy = common.wrap_net(model, args.bf16, args.compile)  # samples (never through DDP)
-            y = (task.sample_conditions(args.prompts, gen, device, data, repeat=args.M)
-                 if conditional else None)
+            y = (
+                task.sample_conditions(args.prompts, gen, device, data, repeat=args.M)
+                if conditional
+                else None
+            )
             chains, logp_old, x0 = sample_chains(policy, y, per_round, args.seed * 1000 + rnd)
             samples += per_round
             # 2. the reward of every chain's X_0
@@ -391,11 +534,14 @@ def main(argv=None):
                 cols = pick.reshape(-1)
                 order = torch.randperm(n_trans, generator=gen, device=device)
                 rows, cols = rows[order], cols[order]
-                for lo in common.progress(range(0, n_trans, args.batch_size),
-                                          f"round {rnd} epoch {epoch + 1}"):
-                    i, j = rows[lo:lo + args.batch_size], cols[lo:lo + args.batch_size]
-                    # torchrun: this rank's share of the minibatch, weighted so that DDP's average of
-                    # the ranks' gradients is the whole minibatch's (a rank with no row runs one at 0)
+                for lo in common.progress(
+                    range(0, n_trans, args.batch_size), f"round {rnd} epoch {epoch + 1}"
+                ):
+                    i, j = rows[lo : lo + args.batch_size], cols[lo : lo + args.batch_size]
+                    # torchrun: this rank's share of the minibatch, weighted so that DDP's average
+                    # of
+                    # the ranks' gradients is the whole minibatch's (a rank with no row runs one at
+                    # 0)
                     size = len(i)
                     a, b = dist.shard(size)
                     weight = (b - a) * dist.world / size
@@ -403,14 +549,27 @@ def main(argv=None):
                     x_n, x_m = chains[i, j], chains[i, j + 1]
                     n, m = step_n[j], step_m[j]
                     yb = y[i] if y is not None else None
-                    logp, mean = transition_logp(process, train_net, x_n, x_m, n, m, sigma[j],
-                                                 log_sigma[j], yb, eta, clip, args.cfg_scale)
+                    logp, mean = transition_logp(
+                        process,
+                        train_net,
+                        x_n,
+                        x_m,
+                        n,
+                        m,
+                        sigma[j],
+                        log_sigma[j],
+                        yb,
+                        eta,
+                        clip,
+                        args.cfg_scale,
+                    )
                     loss, ratio = ppo_loss(logp, logp_old[i, j], adv[i], args.clip_range)
                     if args.kl_coef > 0:  # plus kl_coef KL(pi_theta || pi_ref) per step (not
                         # in DDPO: the per-step KL regulariser of DPOK, Fan et al. 2023)
                         with torch.no_grad():
-                            mean_ref, _ = process.step_mean_std(ref_net, x_n, n, m, yb, eta, clip,
-                                                                args.cfg_scale)
+                            mean_ref, _ = process.step_mean_std(
+                                ref_net, x_n, n, m, yb, eta, clip, args.cfg_scale
+                            )
                         kl_ref = kl_to_reference(mean, mean_ref, sigma[j])
                         loss = loss + args.kl_coef * kl_ref.mean()
                         sums[1] += kl_ref.detach().sum() * (b > a)
@@ -431,61 +590,123 @@ def main(argv=None):
                     if step % LOG_EVERY == 0 or step == opt_steps:
                         loss_mean = common.check_loss(window, step, args.lr, dist=dist)
                         approx_kl = check_policy(kls, step, args.lr, dist)
-                        log.log(round=rnd, step=step, loss=loss_mean, approx_kl=approx_kl,
-                                clipfrac=torch.stack(clips).mean().item())
+                        log.log(
+                            round=rnd,
+                            step=step,
+                            loss=loss_mean,
+                            approx_kl=approx_kl,
+                            clipfrac=torch.stack(clips).mean().item(),
+                        )
                         window, kls, clips = [], [], []
                     if dist.any(stop.requested):
                         stop.requested = stop.requested or "SIGTERM"
-                        stop.stop(f"in round {rnd} at optimiser step {step}", "rerun the same "
-                                  f"command with --resume: it continues after round {rnd - 1}")
+                        stop.stop(
+                            f"in round {rnd} at optimiser step {step}",
+                            "rerun the same "
+                            f"command with --resume: it continues after round {rnd - 1}",
+                        )
             common.check_weights(model, f"{step} of round {rnd}", args.lr)
             tot = (dist.mean(sums) * dist.world).tolist()  # totals over all ranks' rows
-            stats = dict(reward_all_mean=r.mean().item(), reward_all_std=r.std().item(),
-                         advantage_abs_mean=adv.abs().mean().item(), loss=tot[0] / tot[3],
-                         clipfrac=tot[2] / tot[3], kl_ref=tot[1] / tot[3] if args.kl_coef else None,
-                         optimiser_steps=step, samples_generated=samples)
+            stats = dict(
+                reward_all_mean=r.mean().item(),
+                reward_all_std=r.std().item(),
+                advantage_abs_mean=adv.abs().mean().item(),
+                loss=tot[0] / tot[3],
+                clipfrac=tot[2] / tot[3],
+                kl_ref=tot[1] / tot[3] if args.kl_coef else None,
+                optimiser_steps=step,
+                samples_generated=samples,
+            )
             # 5. evaluate fresh samples of the EMA weights (the same noise as the base's evaluation)
-            ev, x_final = evaluate(common.wrap_net(ema.model, args.bf16, args.compile),
-                                   f"round {rnd}")
+            ev, x_final = evaluate(
+                common.wrap_net(ema.model, args.bf16, args.compile), f"round {rnd}"
+            )
             last = ev
             history.append(dict(round=rnd, **stats, eval=ev))
-            log.log(round=rnd, **stats, **{f"eval_{k}": v for k, v in ev.items()
-                                           if not isinstance(v, list)})
+            log.log(
+                round=rnd,
+                **stats,
+                **{f"eval_{k}": v for k, v in ev.items() if not isinstance(v, list)},
+            )
             kl_text = f", KL to ref {stats['kl_ref']:.4f}/step" if args.kl_coef else ""
-            print(f"round {rnd}/{args.rounds}: reward of the chains "
-                  f"{stats['reward_all_mean']:.4f}, loss {stats['loss']:.4f}, clipfrac "
-                  f"{stats['clipfrac']:.3f}{kl_text}, eval reward {ev['reward_mean']:.4f} (base "
-                  f"{base_eval['reward_mean']:.4f}), samples {samples}", flush=True)
+            print(
+                f"round {rnd}/{args.rounds}: reward of the chains "
+                f"{stats['reward_all_mean']:.4f}, loss {stats['loss']:.4f}, clipfrac "
+                f"{stats['clipfrac']:.3f}{kl_text}, eval reward {ev['reward_mean']:.4f} (base "
+                f"{base_eval['reward_mean']:.4f}), samples {samples}",
+                flush=True,
+            )
             # 6. checkpoint (the stat tracker's buffers travel in it)
             if dist.main:
-                save_checkpoint(ckpt_path, model, process, ema, opt, rnd, args,
-                                extra=dict(samples_generated=samples, history=history,
-                                           base_eval=base_eval, base=base_path, stats=tracker.state()))
+                save_checkpoint(
+                    ckpt_path,
+                    model,
+                    process,
+                    ema,
+                    opt,
+                    rnd,
+                    args,
+                    extra=dict(
+                        samples_generated=samples,
+                        history=history,
+                        base_eval=base_eval,
+                        base=base_path,
+                        stats=tracker.state(),
+                    ),
+                )
             if x_base is None:  # resumed: the base's samples again, for the pictures
                 x_base = evaluate(ref_net, "base (again, for the pictures)")[1]
             if dist.main:
                 pictures(task, reward, log, x_base, x_final, x0, rnd, cfg.get("num_classes") or 8)
 
-    summary = dict(task=task.name, method="ddpo", M=args.M, prompts=args.prompts,
-                   rounds=args.rounds, samples_generated=samples, reward=reward.name,
-                   sampler=args.sampler, sample_steps=args.sample_steps, eta=eta,
-                   cfg_scale=args.cfg_scale, clip_range=args.clip_range,
-                   inner_epochs=args.inner_epochs, kl_coef=args.kl_coef, ema=ema.describe(),
-                   reward_base=base_eval["reward_mean"], reward_final=last["reward_mean"])
+    summary = dict(
+        task=task.name,
+        method="ddpo",
+        M=args.M,
+        prompts=args.prompts,
+        rounds=args.rounds,
+        samples_generated=samples,
+        reward=reward.name,
+        sampler=args.sampler,
+        sample_steps=args.sample_steps,
+        eta=eta,
+        cfg_scale=args.cfg_scale,
+        clip_range=args.clip_range,
+        inner_epochs=args.inner_epochs,
+        kl_coef=args.kl_coef,
+        ema=ema.describe(),
+        reward_base=base_eval["reward_mean"],
+        reward_final=last["reward_mean"],
+    )
     for k in ("accuracy", "all_correct"):
         if k in base_eval:
             summary[f"{k}_base"], summary[f"{k}_final"] = base_eval[k], last.get(k)
     if task.name == "toy2d":
         summary.update(mode_hist_base=base_eval["mode_hist"], mode_hist_final=last["mode_hist"])
     if task.kind == "image":
-        summary.update(fid_base=base_eval.get("fid"), fid_final=last.get("fid"),
-                       fid_samples=fid_samples)
+        summary.update(
+            fid_base=base_eval.get("fid"), fid_final=last.get("fid"), fid_samples=fid_samples
+        )
     summary = log.summary(**summary, base=base_path, checkpoint=ckpt_path)
-    print("done: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                               for k, v in summary.items()
-                               if k in ("reward_base", "reward_final", "fid_base", "fid_final",
-                                        "accuracy_base", "accuracy_final", "samples_generated",
-                                        "wall_time_s")) + f"; wrote {args.out}")
+    print(
+        "done: "
+        + ", ".join(
+            f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in summary.items()
+            if k
+            in (
+                "reward_base",
+                "reward_final",
+                "fid_base",
+                "fid_final",
+                "accuracy_base",
+                "accuracy_final",
+                "samples_generated",
+                "wall_time_s",
+            )
+        )
+        + f"; wrote {args.out}"
+    )
     return summary
 
 
@@ -496,22 +717,31 @@ def check_policy(kls, step, lr, dist=None):
     v = torch.stack(kls).mean()
     v = (dist.mean(v) if dist is not None else v).item()  # every rank decides alike under torchrun
     if not math.isfinite(v) or v > KL_LIMIT:
-        raise common.Diverged(f"the policy diverged by step {step} (approx KL {v:.4g} per step "
-                              f"from the sampling policy); the learning rate --lr {lr:g} is likely "
-                              f"too high: lower it. The last good checkpoint was kept")
+        raise common.Diverged(
+            f"the policy diverged by step {step} (approx KL {v:.4g} per step "
+            f"from the sampling policy); the learning rate --lr {lr:g} is likely "
+            f"too high: lower it. The last good checkpoint was kept"
+        )
     return v
 
 
 def pictures(task, reward, log, x_base, x_final, chains_x0, rnd, nrow):
     if task.kind == "points":
         np.save(log.path("samples.npy"), x_final.cpu().numpy())
-        sets = {"base (reference)": x_base.cpu(), f"policy chains, round {rnd}": chains_x0.cpu(),
-                f"ddpo round {rnd} (EMA)": x_final.cpu()}
-        common.plot_points(sets, log.path("samples.png"), title=f"ddpo on toy2d, reward "
-                           f"{reward.name} (shaded)", background=(reward.fn, "reward"))
+        sets = {
+            "base (reference)": x_base.cpu(),
+            f"policy chains, round {rnd}": chains_x0.cpu(),
+            f"ddpo round {rnd} (EMA)": x_final.cpu(),
+        }
+        common.plot_points(
+            sets,
+            log.path("samples.png"),
+            title=f"ddpo on toy2d, reward {reward.name} (shaded)",
+            background=(reward.fn, "reward"),
+        )
     else:
-        common.save_grid(x_base[:nrow * 8].cpu(), log.path("samples_base.png"), nrow=nrow)
-        common.save_grid(x_final[:nrow * 8].cpu(), log.path(f"samples_round{rnd}.png"), nrow=nrow)
+        common.save_grid(x_base[: nrow * 8].cpu(), log.path("samples_base.png"), nrow=nrow)
+        common.save_grid(x_final[: nrow * 8].cpu(), log.path(f"samples_round{rnd}.png"), nrow=nrow)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@
    for fp32 (the default) and bf16 autocast, and how far bf16 moves features and FID.
 BLAS threads matter a lot for part 1 on a shared machine: set OPENBLAS_NUM_THREADS to compare.
 """
+
 import argparse
 import os
 import time
@@ -25,7 +26,7 @@ from eval.fid import FIDEvaluator, FIDWarning, feature_stats, frechet_distance
 
 
 def sync(device):
-    if device.type == 'cuda':
+    if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
@@ -43,8 +44,10 @@ def scipy_route(mu1, s1, mu2, s2):
 
 
 def bench_frechet(n):
-    print(f'Frechet distance: 2 x {n} random 2048-d features, float64 '
-          f'(OPENBLAS_NUM_THREADS={os.environ.get("OPENBLAS_NUM_THREADS", "unset")})')
+    print(
+        f"Frechet distance: 2 x {n} random 2048-d features, float64 "
+        f"(OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')})"
+    )
     mu1, s1 = feature_stats(fake_features(n, 2048, 0.0, 0))
     mu2, s2 = feature_stats(fake_features(n, 2048, 0.05, 1))
     t = time.perf_counter()
@@ -53,14 +56,20 @@ def bench_frechet(n):
     t = time.perf_counter()
     ref, imag = scipy_route(mu1, s1, mu2, s2)
     t_ref = time.perf_counter() - t
-    print(f'  ours (Cholesky + eigvalsh)  {t_ours:8.2f} s   FID = {ours:.9f}')
-    print(f'  scipy.linalg.sqrtm route    {t_ref:8.2f} s   FID = {ref:.9f}   (max |imag| of sqrtm {imag:.1e})')
-    print(f'  time ratio sqrtm/ours {t_ref / t_ours:.2f}x   relative difference {abs(ours - ref) / abs(ref):.1e}')
+    print(f"  ours (Cholesky + eigvalsh)  {t_ours:8.2f} s   FID = {ours:.9f}")
+    print(
+        f"  scipy.linalg.sqrtm route    {t_ref:8.2f} s   FID = {ref:.9f}   (max |imag| of sqrtm "
+        f"{imag:.1e})"
+    )
+    print(
+        f"  time ratio sqrtm/ours {t_ref / t_ours:.2f}x   relative difference "
+        f"{abs(ours - ref) / abs(ref):.1e}"
+    )
 
 
 def timed(fns, device, repeats):
     """Best wall time of each function, run interleaved so drifts in machine load hit both."""
-    best = [float('inf')] * len(fns)
+    best = [float("inf")] * len(fns)
     for _ in range(repeats):
         for i, fn in enumerate(fns):
             sync(device)
@@ -74,53 +83,104 @@ def timed(fns, device, repeats):
 def bench_features(args):
     device = torch.device(args.device)
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (args.images, 3, args.image_size, args.image_size), generator=g,
-                      dtype=torch.uint8).to(device)
+    x = torch.randint(
+        0, 256, (args.images, 3, args.image_size, args.image_size), generator=g, dtype=torch.uint8
+    ).to(device)
     bs = args.batch_size
-    where = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'
-    print(f'Feature extraction: {args.images} uint8 images {args.image_size}x{args.image_size} -> 299, '
-          f'batch {bs}, {device} ({where}), best of {args.repeats}, interleaved')
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{torch.get_num_threads()} threads"
+    )
+    print(
+        f"Feature extraction: {args.images} uint8 images {args.image_size}x{args.image_size} -> "
+        f"299, "
+        f"batch {bs}, {device} ({where}), best of {args.repeats}, interleaved"
+    )
     model, feats = None, {}
-    for bf16 in ([False, True] if device.type == 'cuda' else [False]):
+    for bf16 in [False, True] if device.type == "cuda" else [False]:
         ev = FIDEvaluator(device, args.inception, bs, model=model, bf16=bf16, progress=False)
-        model = ev.model                      # one network for every measurement
+        model = ev.model  # one network for every measurement
 
         def bare():
             with ev._context():
                 for i in range(0, x.shape[0], bs):
-                    model(x[i:i + bs].float())
+                    model(x[i : i + bs].float())
 
         with ev._context():
-            model(x[:bs].float())             # warm-up (cuDNN autotune, allocator)
-        t_bare, t_feat, t_stats = timed([bare, lambda: ev.features(x), lambda: ev.stats(x)], device, args.repeats)
-        name = 'bf16 autocast' if bf16 else 'fp32'
-        print(f'  [{name}] bare forward {args.images / t_bare:8.1f} img/s | FIDEvaluator.features '
-              f'{args.images / t_feat:8.1f} img/s (time ratio {t_feat / t_bare:.3f}) | .stats '
-              f'{args.images / t_stats:8.1f} img/s (ratio {t_stats / t_bare:.3f})')
+            model(x[:bs].float())  # warm-up (cuDNN autotune, allocator)
+        t_bare, t_feat, t_stats = timed(
+            [bare, lambda: ev.features(x), lambda: ev.stats(x)], device, args.repeats
+        )
+        name = "bf16 autocast" if bf16 else "fp32"
+        print(
+            f"  [{name}] bare forward {args.images / t_bare:8.1f} img/s | FIDEvaluator.features "
+            f"{args.images / t_feat:8.1f} img/s (time ratio {t_feat / t_bare:.3f}) | .stats "
+            f"{args.images / t_stats:8.1f} img/s (ratio {t_stats / t_bare:.3f})"
+        )
         feats[bf16] = ev
 
     if True in feats:
         # how far does bf16 move the numbers? features, and FID between two different image sets
-        y = torch.nn.functional.interpolate(x[:, :, ::4, ::4].float(), scale_factor=4).to(torch.uint8)
+        y = torch.nn.functional.interpolate(x[:, :, ::4, ::4].float(), scale_factor=4).to(
+            torch.uint8
+        )
         (f32, f16) = (feats[False].features(x), feats[True].features(x))
         fid = {k: frechet_distance(*feats[k].stats(x)[:2], *feats[k].stats(y)[:2]) for k in feats}
         same = frechet_distance(*feats[False].stats(x)[:2], *feats[True].stats(x)[:2])
-        print(f'  bf16 vs fp32: max |feature diff| {np.abs(f16 - f32).max():.3g} (features up to {np.abs(f32).max():.3g}); '
-              f'FID(set A, set B) {fid[True]:.4f} vs {fid[False]:.4f} (relative {abs(fid[True] - fid[False]) / fid[False]:.1e}); '
-              f'FID(A in bf16, A in fp32) {same:.4f}')
+        print(
+            f"  bf16 vs fp32: max |feature diff| {np.abs(f16 - f32).max():.3g} (features up to "
+            f"{np.abs(f32).max():.3g}); "
+            f"FID(set A, set B) {fid[True]:.4f} vs {fid[False]:.4f} (relative "
+            f"{abs(fid[True] - fid[False]) / fid[False]:.1e}); "
+            f"FID(A in bf16, A in fp32) {same:.4f}"
+        )
 
 
 def main():
-    p = argparse.ArgumentParser(prog='python -m eval.bench_fid', description=__doc__.split('\n\n')[0])
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='torch device for part 2')
-    p.add_argument('--n', type=int, default=10000, help='random features per set for part 1 (0 skips it)')
-    p.add_argument('--images', type=int, default=None, help='images for part 2 (default 64 on CPU, 5000 on CUDA; 0 skips it)')
-    p.add_argument('--image-size', type=int, default=32, help='side of the random input images (resized to 299)')
-    p.add_argument('--batch-size', type=int, default=None, help='Inception batch size (default 32 on CPU, 250 on CUDA)')
-    p.add_argument('--repeats', type=int, default=None, help='timed passes, best kept (default 2 on CPU, 3 on CUDA)')
-    p.add_argument('--inception', default=None, metavar='PATH', help='Inception weights (default: the usual search)')
+    p = argparse.ArgumentParser(
+        prog="python -m eval.bench_fid", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device for part 2",
+    )
+    p.add_argument(
+        "--n", type=int, default=10000, help="random features per set for part 1 (0 skips it)"
+    )
+    p.add_argument(
+        "--images",
+        type=int,
+        default=None,
+        help="images for part 2 (default 64 on CPU, 5000 on CUDA; 0 skips it)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=32,
+        help="side of the random input images (resized to 299)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="Inception batch size (default 32 on CPU, 250 on CUDA)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed passes, best kept (default 2 on CPU, 3 on CUDA)",
+    )
+    p.add_argument(
+        "--inception",
+        default=None,
+        metavar="PATH",
+        help="Inception weights (default: the usual search)",
+    )
     args = p.parse_args()
-    cuda = args.device.startswith('cuda')
+    cuda = args.device.startswith("cuda")
     args.images = (5000 if cuda else 64) if args.images is None else args.images
     args.batch_size = args.batch_size or (250 if cuda else 32)
     args.repeats = args.repeats or (3 if cuda else 2)
@@ -129,10 +189,10 @@ def main():
         bench_frechet(args.n)
     if args.images:
         with warnings.catch_warnings():
-            warnings.simplefilter('ignore', FIDWarning)  # few images is fine for timing
+            warnings.simplefilter("ignore", FIDWarning)  # few images is fine for timing
             bench_features(args)
-    print(f'total wall time {time.perf_counter() - t0:.1f} s')
+    print(f"total wall time {time.perf_counter() - t0:.1f} s")
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     main()

@@ -5,15 +5,18 @@ machines are noise; ratios hold).
     python -m eval.bench_speed --device cuda --batches 16,256,2048 --presets tiny,mnist,celeba64
 
 Per preset and batch size it reports:
-  - forward_ms: one eager forward of the UNet (eval mode, fp32); on CUDA also replayed from a CUDA graph
+  - forward_ms: one eager forward of the UNet (eval mode, fp32); on CUDA also replayed from a CUDA
+  graph
     (``forward_graph_ms``) and their ratio: what launch overhead costs at that size;
   - sampler_ratio = time of the project's DDPM sampler over S steps / (S x one eager forward): the
     sampler's own overhead (target <= 1.03 on the CPU: no host syncs, no per-element Python);
   - train_steps_per_s: eager training steps (forward, backward, AdamW, EMA) at --train-batch.
-Writes OUT/bench_speed.json (default runs/bench_speed). Part of issue #12: the CUDA-graph fast path of
+Writes OUT/bench_speed.json (default runs/bench_speed). Part of issue #12: the CUDA-graph fast path
+of
 the sampler and the training step is not built yet (it needs a GPU session to be measured and made
 exact); the graph replay of the bare forward shows what it can gain.
 """
+
 import argparse
 import json
 import os
@@ -23,7 +26,11 @@ import torch
 
 from models import DDPM, EMA, unet_from_preset
 
-SIZES = {"tiny": (32, 1, 10), "mnist": (32, 1, 10), "celeba64": (64, 3, 0)}  # image size, channels, classes
+SIZES = {
+    "tiny": (32, 1, 10),
+    "mnist": (32, 1, 10),
+    "celeba64": (64, 3, 0),
+}  # image size, channels, classes
 
 
 def timed(fn, repeats, device):
@@ -74,6 +81,7 @@ def bench(preset, batch, device, steps, repeats, train_batch):
 
     def sample():
         process.sample(net, x.clone(), y=y, generator=g, num_steps=steps, clip=True)
+
     row["sampler_ms"] = 1e3 * timed(sample, max(1, repeats // 3), device)
     row["sampler_ratio"] = row["sampler_ms"] / (steps * row["forward_ms"])
     if train_batch:
@@ -89,18 +97,26 @@ def bench(preset, batch, device, steps, repeats, train_batch):
             loss.backward()
             opt.step()
             ema.update(net)
+
         row["train_steps_per_s"] = 1.0 / timed(step, repeats, device)
     return row
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--presets", default="tiny,mnist", help="comma list of UNet presets (tiny, mnist, celeba64)")
+    p.add_argument(
+        "--presets", default="tiny,mnist", help="comma list of UNet presets (tiny, mnist, celeba64)"
+    )
     p.add_argument("--batches", default="16,64", help="comma list of batch sizes")
-    p.add_argument("--sample-steps", type=int, default=20, help="sampler steps S of the sampler ratio")
-    p.add_argument("--train-batch", type=int, default=32, help="batch of the training-step rate (0: skip)")
+    p.add_argument(
+        "--sample-steps", type=int, default=20, help="sampler steps S of the sampler ratio"
+    )
+    p.add_argument(
+        "--train-batch", type=int, default=32, help="batch of the training-step rate (0: skip)"
+    )
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median)")
     p.add_argument("--out", default=os.path.join("runs", "bench_speed"), help="output folder")
     args = p.parse_args(argv)
@@ -112,13 +128,22 @@ def main(argv=None):
         for batch in (int(b) for b in args.batches.split(",")):
             row = bench(preset, batch, device, args.sample_steps, args.repeats, args.train_batch)
             rows.append(row)
-            print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-                  flush=True)
+            print(
+                "  ".join(
+                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+                ),
+                flush=True,
+            )
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_speed.json"), "w") as f:
-        json.dump(dict(rows=rows, sample_steps=args.sample_steps, torch=torch.__version__), f, indent=2)
+        json.dump(
+            dict(rows=rows, sample_steps=args.sample_steps, torch=torch.__version__), f, indent=2
+        )
     worst = max(r["sampler_ratio"] for r in rows)
-    print(f"largest sampler_ratio {worst:.3f} (target <= 1.03 on the CPU, <= 1.1 over graph replay on CUDA)")
+    print(
+        f"largest sampler_ratio {worst:.3f} (target <= 1.03 on the CPU, <= 1.1 over graph replay "
+        f"on CUDA)"
+    )
     return rows
 
 

@@ -5,6 +5,7 @@ shaping the law of X_{N_I} at a larger N_I sees a noisier reward (the variance s
 bias-variance trade-off). Estimated here by stopping reference trajectories at t and continuing each
 X_t several times t -> 0 with the stochastic reference sampler.
 """
+
 import json
 import math
 import os
@@ -13,24 +14,59 @@ import torch
 
 
 @torch.no_grad()
-def conditional_reward_variance(net, process, task, reward, levels, n_states, n_cont, generator, y=None, eta=1.0,
-                                sample_steps=None, sample_batch=4096):
-    """E[Var(r(X_0) | X_t)] at each step t of ``levels``: ``n_states`` trajectories of ``net`` are stopped
+def conditional_reward_variance(
+    net,
+    process,
+    task,
+    reward,
+    levels,
+    n_states,
+    n_cont,
+    generator,
+    y=None,
+    eta=1.0,
+    sample_steps=None,
+    sample_batch=4096,
+):
+    """E[Var(r(X_0) | X_t)] at each step t of ``levels``: ``n_states`` trajectories of ``net`` are
+    stopped
     at t, each X_t is continued ``n_cont`` times t -> 0, and the unbiased variance of the ``n_cont``
     rewards is averaged over the states. Returns {t: (mean, stderr)}."""
     from rewards import score
+
     clip = task.kind == "image"
     dev = generator.device
-    x, cur, out = torch.randn((n_states, *task.shape()), generator=generator, device=dev), process.N, {}
+    x, cur, out = (
+        torch.randn((n_states, *task.shape()), generator=generator, device=dev),
+        process.N,
+        {},
+    )
     for t in sorted(set(levels), reverse=True):
         if t < cur:
             x, _ = process.sample(net, x, cur, t, y, generator, eta, sample_steps, clip=clip)
             cur = t
         xs = x.repeat_interleave(n_cont, 0)
         ys = y.repeat_interleave(n_cont, 0) if y is not None else None
-        x0 = xs if t == 0 else torch.cat([
-            process.sample(net, xs[i:i + sample_batch], t, 0, ys[i:i + sample_batch] if ys is not None else None,
-                           generator, eta, sample_steps, clip=clip)[0] for i in range(0, len(xs), sample_batch)])
+        x0 = (
+            xs
+            if t == 0
+            else torch.cat(
+                [
+                    process.sample(
+                        net,
+                        xs[i : i + sample_batch],
+                        t,
+                        0,
+                        ys[i : i + sample_batch] if ys is not None else None,
+                        generator,
+                        eta,
+                        sample_steps,
+                        clip=clip,
+                    )[0]
+                    for i in range(0, len(xs), sample_batch)
+                ]
+            )
+        )
         r = score(reward, x0.clamp(-1, 1) if clip else x0, ys, sample_batch).view(n_states, n_cont)
         v = r.double().var(1)
         out[t] = (v.mean().item(), v.std().item() / math.sqrt(n_states))
@@ -43,12 +79,19 @@ def write(result, out_dir, N, n_is, n_states, n_cont, title):
     with open(os.path.join(out_dir, "lemma43.json"), "w") as f:
         json.dump(dict(states=n_states, continuations=n_cont, levels=table), f, indent=2)
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ts = list(result)
-    ax.errorbar([t / N for t in ts], [result[t][0] for t in ts], yerr=[result[t][1] for t in ts], marker="o",
-                capsize=3)
+    ax.errorbar(
+        [t / N for t in ts],
+        [result[t][0] for t in ts],
+        yerr=[result[t][1] for t in ts],
+        marker="o",
+        capsize=3,
+    )
     for ni in n_is:
         ax.axvline(ni / N, color="gray", ls=":", lw=1)
     ax.set(xlabel="t / N (dotted: N_I)", ylabel="E[Var(r(X_0) | X_t)]", title=title)

@@ -1,5 +1,8 @@
-"""Task metrics that need no network (they live in tasks.py, which must not import eval/; re-exported
-here) and the evaluation of a fine-tuned model's samples that GRAFT, P-GRAFT and the benchmarks share."""
+"""Task metrics that need no network (they live in tasks.py, which must not import eval/;
+re-exported
+here) and the evaluation of a fine-tuned model's samples that GRAFT, P-GRAFT and the benchmarks
+share."""
+
 import torch
 
 from tasks import mode_tv, sliced_wasserstein, toy2d_metrics
@@ -14,6 +17,7 @@ def evaluate_samples(x, y, reward, task, eval_samples, fid=None, target=None, ba
     metrics and the TV to an exact tilted ``target`` of mode weights, and FID when ``fid`` is an FID
     callable (its sample count is its own)."""
     from rewards import score
+
     r = score(reward, x, y, batch_size)
     out = dict(reward_mean=r.mean().item(), reward_std=r.std().item() if len(r) > 1 else 0.0)
     out.update(reward.metrics(x[:eval_samples], y[:eval_samples] if y is not None else None))
@@ -38,8 +42,11 @@ class FID:
 
     def __call__(self, x):
         from eval.fid import FIDEvaluator, frechet_distance
+
         if self._eval is None:
             self._eval = FIDEvaluator(device=str(self.device))
-            self._ref = self._eval.reference_stats(self.task.name, split="train", data_dir=self.data_dir)
-        mu, sigma, _ = self._eval.stats(x[:self.samples])
+            self._ref = self._eval.reference_stats(
+                self.task.name, split="train", data_dir=self.data_dir
+            )
+        mu, sigma, _ = self._eval.stats(x[: self.samples])
         return float(frechet_distance(mu, sigma, *self._ref))

@@ -5,6 +5,7 @@ A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so i
 temporary file in the same folder and moved into place with ``os.replace`` so a crash mid-write
 never leaves a truncated checkpoint where a good one was.
 """
+
 import argparse
 import glob
 import os
@@ -35,10 +36,13 @@ def build_process(config):
 
 def rng_state():
     np_state = np.random.get_state()
-    return dict(torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                numpy=torch.from_numpy(np_state[1].astype(np.int64)), numpy_pos=int(np_state[2]),
-                python=list(random.getstate()[1]))
+    return dict(
+        torch=torch.get_rng_state(),
+        cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        numpy=torch.from_numpy(np_state[1].astype(np.int64)),
+        numpy_pos=int(np_state[2]),
+        python=list(random.getstate()[1]),
+    )
 
 
 def set_rng_state(state):
@@ -51,7 +55,9 @@ def set_rng_state(state):
 
 def _plain(obj):
     """Args and extras as JSON-like values so that weights_only loading accepts them."""
-    if isinstance(obj, argparse.Namespace):  # a script's arguments: kept as a dict so --resume can compare them
+    if isinstance(
+        obj, argparse.Namespace
+    ):  # a script's arguments: kept as a dict so --resume can compare them
         obj = vars(obj)
     if isinstance(obj, dict):
         return {str(k): _plain(v) for k, v in obj.items()}
@@ -62,17 +68,28 @@ def _plain(obj):
     return str(obj)
 
 
-def save_checkpoint(path, model, process=None, ema=None, optimizer=None, step=0, args=None, extra=None):
-    ckpt = dict(format="pgraft-1", model_config=dict(model.config), model=model.state_dict(),
-                ema=ema.state_dict() if ema is not None else None,
-                optimizer=optimizer.state_dict() if optimizer is not None else None,
-                process=process.config if process is not None else None,
-                ema_step=int(ema.step) if ema is not None else 0,
-                step=int(step), rng=rng_state(), args=_plain(args or {}), extra=_plain(extra or {}))
+def save_checkpoint(
+    path, model, process=None, ema=None, optimizer=None, step=0, args=None, extra=None
+):
+    ckpt = dict(
+        format="pgraft-1",
+        model_config=dict(model.config),
+        model=model.state_dict(),
+        ema=ema.state_dict() if ema is not None else None,
+        optimizer=optimizer.state_dict() if optimizer is not None else None,
+        process=process.config if process is not None else None,
+        ema_step=int(ema.step) if ema is not None else 0,
+        step=int(step),
+        rng=rng_state(),
+        args=_plain(args or {}),
+        extra=_plain(extra or {}),
+    )
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
-    for stale in glob.glob(glob.escape(path) + ".tmp.*"):  # left by a writer that was killed mid-write
+    for stale in glob.glob(
+        glob.escape(path) + ".tmp.*"
+    ):  # left by a writer that was killed mid-write
         if stale != tmp:
             os.remove(stale)
     try:
@@ -87,19 +104,33 @@ def save_checkpoint(path, model, process=None, ema=None, optimizer=None, step=0,
 def load_checkpoint(path, map_location="cpu"):
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path} does not exist; train one first or pass the right path")
+        raise CheckpointError(
+            f"checkpoint {path} does not exist; train one first or pass the right path"
+        )
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated file, pickled objects, not a torch file at all
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {path} cannot be read safely ({first}); "
-                              f"delete it and retrain, or point to a good copy") from None
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read safely ({first}); "
+            f"delete it and retrain, or point to a good copy"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != "pgraft-1":
-        raise CheckpointError(f"{path} is not a pgraft checkpoint (no format tag); pass a file written by this project")
+        raise CheckpointError(
+            f"{path} is not a pgraft checkpoint (no format tag); pass a file written by this "
+            f"project"
+        )
     missing = [k for k in ("model_config", "model", "step") if k not in ckpt]
-    if missing or not isinstance(ckpt.get("model_config"), dict) or "kind" not in ckpt["model_config"]:
-        raise CheckpointError(f"{path} is an incomplete pgraft checkpoint (missing {', '.join(missing) or 'the model kind'}); "
-                              f"point to a complete checkpoint or retrain")
+    if (
+        missing
+        or not isinstance(ckpt.get("model_config"), dict)
+        or "kind" not in ckpt["model_config"]
+    ):
+        raise CheckpointError(
+            f"{path} is an incomplete pgraft checkpoint (missing "
+            f"{', '.join(missing) or 'the model kind'}); "
+            f"point to a complete checkpoint or retrain"
+        )
     return ckpt
 
 
@@ -114,6 +145,8 @@ def model_from_checkpoint(ckpt, device="cpu", use_ema=True):
         process = build_process(ckpt["process"]) if ckpt.get("process") else None
     except (ValueError, TypeError, KeyError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"the checkpoint's network or process cannot be rebuilt ({first}); "
-                              f"it was written by another version or is damaged: retrain it") from None
+        raise CheckpointError(
+            f"the checkpoint's network or process cannot be rebuilt ({first}); "
+            f"it was written by another version or is damaged: retrain it"
+        ) from None
     return model.to(device).eval(), process

@@ -1,4 +1,5 @@
-"""A pretrained diffusers ``UNet2DModel`` as the project's reference: ``--base diffusers:PATH_OR_REPO_ID``.
+"""A pretrained diffusers ``UNet2DModel`` as the project's reference: ``--base
+diffusers:PATH_OR_REPO_ID``.
 
 diffusers is optional: it is imported only here, when such a base is asked for. The scheduler must
 map onto models/DDPM: linear betas 1e-4..0.02 over N = 1000 steps (our linear schedule at N = 1000
@@ -10,6 +11,7 @@ Layouts read: a folder (or hub repository, e.g. google/ddpm-celebahq-256) holdin
 config.json and weights at its root or in unet/, and scheduler_config.json at its root or in
 scheduler/.
 """
+
 import json
 import os
 
@@ -28,8 +30,9 @@ def _diffusers():
     try:
         import diffusers
     except ImportError:
-        raise DiffusersError("--base diffusers:... needs the optional package diffusers: "
-                             "pip install diffusers") from None
+        raise DiffusersError(
+            "--base diffusers:... needs the optional package diffusers: pip install diffusers"
+        ) from None
     return diffusers
 
 
@@ -41,14 +44,23 @@ class DiffusersEps(nn.Module):
         self.unet, self.n_steps = unet, n_steps
         cfg = dict(unet.config)
         if cfg.get("num_class_embeds") or cfg.get("class_embed_type"):
-            raise DiffusersError(f"{source}: class-conditional UNet2DModels are not supported; use an "
-                                 f"unconditional one")
+            raise DiffusersError(
+                f"{source}: class-conditional UNet2DModels are not supported; use an "
+                f"unconditional one"
+            )
         size = cfg.get("sample_size")
         size = size if isinstance(size, int) else (size or [0])[0]
         # what checkpoints store: enough to rebuild the network without the original folder
-        self.config = dict(kind="diffusers", unet_config={k: v for k, v in cfg.items() if not k.startswith("_")},
-                           n_steps=n_steps, source=source, image_size=size, in_ch=cfg.get("in_channels", 3),
-                           num_classes=0, cond_dim=0)
+        self.config = dict(
+            kind="diffusers",
+            unet_config={k: v for k, v in cfg.items() if not k.startswith("_")},
+            n_steps=n_steps,
+            source=source,
+            image_size=size,
+            in_ch=cfg.get("in_channels", 3),
+            num_classes=0,
+            cond_dim=0,
+        )
 
     def forward(self, x, t, y=None):
         # our step n = t N (1..N) is diffusers' timestep index n - 1
@@ -80,31 +92,45 @@ def check_scheduler(cfg, source):
     if cfg.get("trained_betas") is not None:
         problems.append("trained_betas")
     n = int(cfg.get("num_train_timesteps", 1000))
-    if n != 1000 or abs(cfg.get("beta_start", 1e-4) - 1e-4) > 1e-12 or abs(cfg.get("beta_end", 0.02) - 0.02) > 1e-12:
-        problems.append(f"betas {cfg.get('beta_start')}..{cfg.get('beta_end')} over {n} steps (only 1e-4..0.02 "
-                        f"over 1000 maps)")
+    if (
+        n != 1000
+        or abs(cfg.get("beta_start", 1e-4) - 1e-4) > 1e-12
+        or abs(cfg.get("beta_end", 0.02) - 0.02) > 1e-12
+    ):
+        problems.append(
+            f"betas {cfg.get('beta_start')}..{cfg.get('beta_end')} over {n} steps (only 1e-4..0.02 "
+            f"over 1000 maps)"
+        )
     if str(cfg.get("variance_type", "fixed_small")).startswith("learned"):
-        problems.append(f"variance_type {cfg.get('variance_type')!r} (learned variances do not map)")
+        problems.append(
+            f"variance_type {cfg.get('variance_type')!r} (learned variances do not map)"
+        )
     if cfg.get("rescale_betas_zero_snr"):
         problems.append("rescale_betas_zero_snr")
     if problems:
-        raise DiffusersError(f"{source}: its scheduler does not map onto this project's DDPM: "
-                             f"{'; '.join(problems)}")
+        raise DiffusersError(
+            f"{source}: its scheduler does not map onto this project's DDPM: {'; '.join(problems)}"
+        )
     return DDPM(1000, "linear")
 
 
 def load(spec, device="cpu"):
     """(wrapper, DDPM, checkpoint-like dict) for ``diffusers:PATH_OR_REPO_ID``."""
-    source = spec[len(PREFIX):] if spec.startswith(PREFIX) else spec
+    source = spec[len(PREFIX) :] if spec.startswith(PREFIX) else spec
     diffusers = _diffusers()
     root = source
-    if not os.path.isdir(source):  # a hub repository id: the hub client's cache (downloads where online)
+    if not os.path.isdir(
+        source
+    ):  # a hub repository id: the hub client's cache (downloads where online)
         try:
             from huggingface_hub import snapshot_download
+
             root = snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.bin"])
         except Exception as e:  # noqa: BLE001 - offline, unknown id, ...: one line
-            raise DiffusersError(f"cannot fetch {source!r} ({type(e).__name__}); pass a local folder "
-                                 f"(diffusers:PATH) holding the UNet and scheduler_config.json") from None
+            raise DiffusersError(
+                f"cannot fetch {source!r} ({type(e).__name__}); pass a local folder "
+                f"(diffusers:PATH) holding the UNet and scheduler_config.json"
+            ) from None
     sub = "unet" if os.path.isfile(os.path.join(root, "unet", "config.json")) else None
     if not os.path.isfile(os.path.join(root, sub or "", "config.json")):
         raise DiffusersError(f"{source}: no UNet config.json at its root or in unet/")
@@ -118,6 +144,14 @@ def load(spec, device="cpu"):
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise DiffusersError(f"{source}: cannot load a UNet2DModel ({first})") from None
     net = DiffusersEps(unet, process.N, source).to(device).eval()
-    ckpt = dict(format="pgraft-1", model_config=net.config, model=net.state_dict(), ema=None,
-                process=process.config, step=0, args={}, extra=dict(source=source))
+    ckpt = dict(
+        format="pgraft-1",
+        model_config=net.config,
+        model=net.state_dict(),
+        ema=None,
+        process=process.config,
+        step=0,
+        args={},
+        extra=dict(source=source),
+    )
     return net, process, ckpt

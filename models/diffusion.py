@@ -1,4 +1,5 @@
-"""DDPM (variance-preserving) diffusion: schedules, q_sample, epsilon loss, ancestral and DDIM samplers.
+"""DDPM (variance-preserving) diffusion: schedules, q_sample, epsilon loss, ancestral and DDIM
+samplers.
 
 Conventions (asserted in tests/test_models.py):
   - steps n = 0..N; n = 0 is data, n = N is (nearly) pure noise; sampling runs n = N -> 0.
@@ -9,6 +10,7 @@ Conventions (asserted in tests/test_models.py):
 The samplers run any segment start -> stop of the chain with any network, so P-GRAFT can stitch a
 fine-tuned model for N -> N_I to the frozen reference for N_I -> 0 (paper, section 3).
 """
+
 import math
 
 import torch
@@ -21,17 +23,29 @@ def randn(shape, generator, like):
 
 def make_betas(n_steps, schedule):
     if schedule == "linear":
-        # Ho et al. 2020's betas 1e-4..0.02 at N = 1000, scaled by 1000/N so that the noise per unit of
-        # t = n/N is about the same for any N. abar_N still depends on N (4.0e-5 at N = 1000, 7.7e-6 at
+        # Ho et al. 2020's betas 1e-4..0.02 at N = 1000, scaled by 1000/N so that the noise per
+        # unit of
+        # t = n/N is about the same for any N. abar_N still depends on N (4.0e-5 at N = 1000,
+        # 7.7e-6 at
         # N = 50), and beta_N = 20/N reaches 1 at N = 20 (abar_N = 0): such N are refused.
         if n_steps <= 20:
-            raise ValueError(f"the linear schedule needs N > 20 steps (beta_N = 20/N must stay below 1), "
-                             f"got N = {n_steps}; use more steps or the cosine schedule")
+            raise ValueError(
+                f"the linear schedule needs N > 20 steps (beta_N = 20/N must stay below 1), "
+                f"got N = {n_steps}; use more steps or the cosine schedule"
+            )
         scale = 1000.0 / n_steps
         return torch.linspace(scale * 1e-4, scale * 0.02, n_steps, dtype=torch.float64)
     if schedule == "cosine":  # Nichol & Dhariwal 2021
         s = 0.008
-        f = torch.cos((torch.arange(n_steps + 1, dtype=torch.float64) / n_steps + s) / (1 + s) * math.pi / 2) ** 2
+        f = (
+            torch.cos(
+                (torch.arange(n_steps + 1, dtype=torch.float64) / n_steps + s)
+                / (1 + s)
+                * math.pi
+                / 2
+            )
+            ** 2
+        )
         return (1 - f[1:] / f[:-1]).clamp(max=0.999)
     raise ValueError(f"unknown schedule {schedule!r} (linear or cosine)")
 
@@ -41,7 +55,9 @@ class DDPM:
         self.N, self.schedule = int(n_steps), schedule
         betas = make_betas(self.N, schedule)
         # index n holds abar_n; abar_0 = 1 (clean data)
-        self.alpha_bar = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - betas, 0)])
+        self.alpha_bar = torch.cat(
+            [torch.ones(1, dtype=torch.float64), torch.cumprod(1 - betas, 0)]
+        )
         self._abar = self.alpha_bar.tolist()  # python floats: scalar lookups never touch the device
         self._cache = {}
 
@@ -50,7 +66,8 @@ class DDPM:
         return dict(kind="ddpm", n_steps=self.N, schedule=self.schedule)
 
     def abar(self, n, like):
-        """abar_n for an integer tensor n, on ``like``'s device/dtype, shaped to broadcast with it."""
+        """abar_n for an integer tensor n, on ``like``'s device/dtype, shaped to broadcast with
+        it."""
         key = (like.device, like.dtype)
         if key not in self._cache:
             self._cache[key] = self.alpha_bar.to(device=like.device, dtype=like.dtype)
@@ -65,7 +82,8 @@ class DDPM:
 
         A sub-range trains one segment of the chain only (P-GRAFT's ``--loss x0``). ``rows`` (a
         slice): n and eps are drawn for the whole batch, the loss uses only those rows; under
-        torchrun each rank takes its rows of one global batch, so P processes draw what one would."""
+        torchrun each rank takes its rows of one global batch, so P processes draw what one
+        would."""
         lo, hi = n_range or (1, self.N)
         n = torch.randint(lo, hi + 1, (x0.shape[0],), generator=generator, device=x0.device)
         eps = randn(x0.shape, generator, x0)
@@ -79,7 +97,9 @@ class DDPM:
         global S-step grid round(linspace(N, 0, S+1)) that fall inside, plus the two ends, so that
         segment runs stitch into exactly the full run."""
         if not 0 <= stop < start <= self.N:
-            raise ValueError(f"need 0 <= stop < start <= N={self.N}, got start={start}, stop={stop}")
+            raise ValueError(
+                f"need 0 <= stop < start <= N={self.N}, got start={start}, stop={stop}"
+            )
         if num_steps is None or num_steps >= self.N:
             return list(range(start, stop - 1, -1))
         full = torch.linspace(self.N, 0, num_steps + 1, dtype=torch.float64).round().long().tolist()
@@ -113,7 +133,7 @@ class DDPM:
         else:
             ab_n, ab_m, sqrt, pos = self._abar[n], self._abar[m], math.sqrt, lambda v: max(v, 0.0)
         sigma = eta * sqrt((1 - ab_m) / (1 - ab_n) * (1 - ab_n / ab_m))
-        return sqrt(1 - ab_n), sqrt(ab_n), sqrt(ab_m), sqrt(pos(1 - ab_m - sigma ** 2)), sigma
+        return sqrt(1 - ab_n), sqrt(ab_n), sqrt(ab_m), sqrt(pos(1 - ab_m - sigma**2)), sigma
 
     def sigma(self, n, m, eta=1.0):
         """sigma of the step n -> m, a python float: 0 for eta = 0 and for every step to m = 0."""
@@ -146,12 +166,26 @@ class DDPM:
         return x
 
     @torch.no_grad()
-    def sample(self, model, x, start=None, stop=0, y=None, generator=None, eta=1.0, num_steps=None,
-               return_at=(), clip=False, cfg_scale=0.0, progress=None):
+    def sample(
+        self,
+        model,
+        x,
+        start=None,
+        stop=0,
+        y=None,
+        generator=None,
+        eta=1.0,
+        num_steps=None,
+        return_at=(),
+        clip=False,
+        cfg_scale=0.0,
+        progress=None,
+    ):
         """Run x (the state at step ``start``, default N) down to ``stop``.
 
         Returns (x_stop, {n: x_n for n in return_at}). ``model`` is either a network or a list of
-        (network, hi, lo) segments covering start..stop, e.g. [(finetuned, N, N_I), (ref, N_I, 0)]."""
+        (network, hi, lo) segments covering start..stop, e.g. [(finetuned, N, N_I), (ref, N_I,
+        0)]."""
         start = self.N if start is None else start
         steps = self.grid(start, stop, num_steps)
         saved = {}
@@ -159,7 +193,7 @@ class DDPM:
         if start in want:
             saved[start] = x
         pairs = list(zip(steps[:-1], steps[1:]))
-        for n, m in (progress(pairs) if progress else pairs):
+        for n, m in progress(pairs) if progress else pairs:
             net = model
             if isinstance(model, (list, tuple)):
                 net = next(net_ for net_, hi, lo in model if hi >= n > lo)
@@ -168,7 +202,9 @@ class DDPM:
                 saved[m] = x
         missing = want - set(saved)
         if missing:
-            raise ValueError(f"return_at steps {sorted(missing)} are not on the sampling grid {steps[:3]}...")
+            raise ValueError(
+                f"return_at steps {sorted(missing)} are not on the sampling grid {steps[:3]}..."
+            )
         return x, saved
 
     def prior(self, shape, generator, device, dtype=torch.float32):
@@ -191,4 +227,4 @@ def gaussian_log_prob(x, mean, sigma, log_sigma=None):
         log_sigma = sigma.log() if log_sigma is None else log_sigma
     elif log_sigma is None:
         log_sigma = math.log(sigma)
-    return -sq / (2 * sigma ** 2) - d * log_sigma - 0.5 * d * math.log(2 * math.pi)
+    return -sq / (2 * sigma**2) - d * log_sigma - 0.5 * d * math.log(2 * math.pi)

@@ -4,6 +4,7 @@ x_t = t x_1 + (1 - t) x_0, x_0 ~ N(0, I), x_1 ~ data; the network predicts v = x
 Sampling integrates dx/dt = v(x, t) from t=0 to t=1 over N uniform Euler steps (Algorithm 5);
 ``invert`` undoes exactly that discrete sampler by backward Euler (Algorithm 6).
 """
+
 import torch
 
 from .diffusion import randn
@@ -15,7 +16,8 @@ class RectifiedFlow:
         return dict(kind="flow")
 
     def loss(self, model, x1, y=None, generator=None, rows=None):
-        """Velocity loss; ``rows`` as in DDPM.loss (draws for the whole batch, loss on those rows)."""
+        """Velocity loss; ``rows`` as in DDPM.loss (draws for the whole batch, loss on those
+        rows)."""
         x0 = randn(x1.shape, generator, x1)
         t = torch.rand((x1.shape[0],), generator=generator, device=x1.device, dtype=x1.dtype)
         if rows is not None:
@@ -30,12 +32,13 @@ class RectifiedFlow:
 
     @torch.no_grad()
     def sample(self, model, z, n_steps, y=None, method="euler", return_traj=False, progress=None):
-        """Algorithm 5 (Euler) or Heun from noise z at t=0 to data at t=1. NFE: N (Euler), 2N (Heun: two evaluations
+        """Algorithm 5 (Euler) or Heun from noise z at t=0 to data at t=1. NFE: N (Euler), 2N
+        (Heun: two evaluations
         per step, the last one at t = 1 included)."""
         h = 1.0 / n_steps
         x, traj = z, [z]
         ks = range(n_steps)
-        for k in (progress(ks) if progress else ks):
+        for k in progress(ks) if progress else ks:
             t = k * h
             v = self._v(model, x, t, y)
             if method == "euler":
@@ -64,11 +67,13 @@ class RectifiedFlow:
         iteration's update norm ||y_{i+1} - y_i|| per sample: ~0 when converged, large (or inf/nan)
         when h·L >= 1 and the iteration diverged. No host syncs."""
         if n_fixed < 1:
-            raise ValueError(f"n_fixed must be >= 1 (fixed-point iterations per step), got {n_fixed}")
+            raise ValueError(
+                f"n_fixed must be >= 1 (fixed-point iterations per step), got {n_fixed}"
+            )
         h = 1.0 / n_steps
         residual = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
         js = range(n_steps)
-        for j in (progress(js) if progress else js):
+        for j in progress(js) if progress else js:
             t = 1.0 - (j + 1) * h
             yk = x
             for _ in range(n_fixed):

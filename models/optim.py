@@ -3,6 +3,7 @@
 Kept here (not in a script) because pretraining, fine-tuning, the corrector and the reward
 classifier all use them; the loops themselves stay visible in each script.
 """
+
 import copy
 import math
 
@@ -22,7 +23,8 @@ class EMA:
     """Exponential moving average of a model's parameters (buffers are copied).
 
     The decay warms up as min(decay, (1 + s) / (10 + s)) after s updates: an EMA that starts at the
-    initial weights with a fixed decay d still holds d^S of them after S steps (0.995^200 = 37%), which
+    initial weights with a fixed decay d still holds d^S of them after S steps (0.995^200 = 37%),
+    which
     would make a short fine-tune look like its reference. ``warmup=False`` gives the fixed decay."""
 
     WARMUP = "min(decay, (1 + s) / (10 + s))"
@@ -44,7 +46,11 @@ class EMA:
         self.step += 1
 
     def describe(self):
-        return f"decay {self.decay}, warm-up {self.WARMUP}" if self.warmup else f"decay {self.decay} (no warm-up)"
+        return (
+            f"decay {self.decay}, warm-up {self.WARMUP}"
+            if self.warmup
+            else f"decay {self.decay} (no warm-up)"
+        )
 
     def state_dict(self):
         return self.model.state_dict()

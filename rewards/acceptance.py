@@ -8,6 +8,7 @@ from the round's own samples (the empirical CDF within each condition).
 
 Both graft.py and pgraft.py import this module; P-GRAFT selects with the same rules on X_0.
 """
+
 import math
 
 import torch
@@ -62,7 +63,9 @@ class AcceptRule:
         if kind == "bon":
             K = 1
         if kind == "topk" and not 1 <= K <= M:
-            raise UsageError(f"--K {K} must be in 1..--M ({M}): top-K of M keeps K of each condition's M samples")
+            raise UsageError(
+                f"--K {K} must be in 1..--M ({M}): top-K of M keeps K of each condition's M samples"
+            )
         if kind == "threshold" and tau is None:
             raise UsageError("--accept threshold needs --tau (keep samples whose reward is >= tau)")
         if tau is not None and not math.isfinite(tau):
@@ -79,7 +82,9 @@ class AcceptRule:
         if self.kind == "threshold":
             return r >= self.tau
         u = torch.rand(r.shape, generator=generator, device=r.device, dtype=torch.float64)
-        return u < torch.exp((r.double() - r.max()) / self.alpha)  # rs: accepted law p exp(r / alpha) / Z
+        return u < torch.exp(
+            (r.double() - r.max()) / self.alpha
+        )  # rs: accepted law p exp(r / alpha) / Z
 
     def prob(self, r, F, r_max=None):
         """a(x) = P(accept | x) from x's reward r and CDF value F = F(r) under the sampling law."""
@@ -91,20 +96,24 @@ class AcceptRule:
         return torch.exp((r.double() - r_max) / self.alpha)
 
     def reshaped(self, r, groups=None):
-        """(a, r_hat): a = P(accept | x) with the round's empirical CDF, r_hat = alpha log a (floored at
-        alpha log 1e-12 where a = 0, e.g. below a threshold). Paper, GRAFT: r_hat is the reward whose
+        """(a, r_hat): a = P(accept | x) with the round's empirical CDF, r_hat = alpha log a
+        (floored at
+        alpha log 1e-12 where a = 0, e.g. below a threshold). Paper, GRAFT: r_hat is the reward
+        whose
         KL-regularised optimum the accepted samples follow."""
         a = self.prob(r, empirical_cdf(r, groups), r.max())
         return a, self.alpha * torch.log(a.clamp(min=1e-12))
 
 
 def kl_proxy(a):
-    """KL(accepted law || sampling law) implied by P(accept | x) = a: E_q[log a] - log E_p[a], q = p a / Z."""
+    """KL(accepted law || sampling law) implied by P(accept | x) = a: E_q[log a] - log E_p[a], q =
+    p a / Z."""
     return (torch.special.xlogy(a, a).sum() / a.sum() - torch.log(a.mean())).item()
 
 
 def condition_groups(y):
-    """Condition index of each sample (labels, or rows of attribute vectors), for the per-condition CDF."""
+    """Condition index of each sample (labels, or rows of attribute vectors), for the per-condition
+    CDF."""
     if y is None:
         return None
     if y.dim() == 1:

@@ -4,6 +4,7 @@ r(x) = -(size of x as a quality-95 JPEG in kB) for compressibility, +size for in
 Images in [-1, 1] are quantised to uint8 the way torchvision's save_image does; the encoder is
 torchvision's libjpeg (batched list call, on the CPU).
 """
+
 import torch
 from torchvision.io import encode_jpeg
 
@@ -11,7 +12,8 @@ from . import Reward
 
 
 def jpeg_kb(x, quality=95):
-    """Size in kB of each image of x (B, C, H, W) in [-1, 1] as a JPEG; float64 (B,) on x's device."""
+    """Size in kB of each image of x (B, C, H, W) in [-1, 1] as a JPEG; float64 (B,) on x's
+    device."""
     u8 = x.detach().float().add(1).mul(127.5).add(0.5).clamp(0, 255).to(torch.uint8).cpu()
     sizes = [t.numel() for t in encode_jpeg(list(u8.unbind(0)), quality=quality)]
     return torch.tensor(sizes, dtype=torch.float64, device=x.device) / 1000.0

@@ -1,21 +1,26 @@
 """toy2d reward and the exact targets of GRAFT / P-GRAFT on the known mixture (theory checks).
 
 r(x) = <x, u> with u the unit vector at angle DEG (default 247.5: between modes 5 and 6, weights
-6/36 and 7/36; top-2 of 8 moves their weights from 0.36 to 0.91, a total variation of 0.55, and leaves
+6/36 and 7/36; top-2 of 8 moves their weights from 0.36 to 0.91, a total variation of 0.55, and
+leaves
 some on modes 4 and 7). The default points at modes that a DDPM learns well: the tilt multiplies the
 base model's own mode errors by up to M/K, and a direction towards the light modes (e.g. linear:0,
-mode 0 of weight 1/36) measures mostly those. Under the true mixture r is a mixture of 1-D normals, so
+mode 0 of weight 1/36) measures mostly those. Under the true mixture r is a mixture of 1-D normals,
+so
 its CDF F is exact, and so is the law that an acceptance rule targets:
 
-  GRAFT   (paper, GRAFT): accepted x ~ p(x) a(x) / Z, a(x) = P(accept | x), a function of r(x) and F(r(x)).
+  GRAFT   (paper, GRAFT): accepted x ~ p(x) a(x) / Z, a(x) = P(accept | x), a function of r(x) and
+  F(r(x)).
   P-GRAFT (paper, P-GRAFT): the kept states X_{N_I} ~ p_{N_I}(x) h(x) / Z with
           h(x) = E[a(X_0) | X_{N_I} = x]; the output continues with the reference from there.
 
 For the Gaussian mixture both are integrals of Gaussians: per mode j, X_{N_I} ~ N(sqrt(ab) c_j, v I)
 with v = ab s^2 + 1 - ab (ab = abar_{N_I}; ab = 1 is GRAFT), the posterior over modes is closed form
-and X_0 | X_{N_I}, mode k is N(m_k, tau^2 I). ``tilted_mode_weights`` integrates them by Gauss-Hermite
+and X_0 | X_{N_I}, mode k is N(m_k, tau^2 I). ``tilted_mode_weights`` integrates them by
+Gauss-Hermite
 quadrature (deterministic) and returns the mode weights the fine-tuned model should have.
 """
+
 import math
 
 import numpy as np
@@ -39,7 +44,9 @@ class LinearReward(Reward):
         self.angle = angle_deg
         self.u = torch.tensor([math.cos(a), math.sin(a)], dtype=torch.float64)
         self.name = "linear" if angle_deg == DEFAULT_ANGLE else f"linear:{angle_deg:g}"
-        self.description = f"r(x) = <x, u>, u at {angle_deg:g} deg (exact CDF under the true mixture)"
+        self.description = (
+            f"r(x) = <x, u>, u at {angle_deg:g} deg (exact CDF under the true mixture)"
+        )
 
     def score(self, x, y=None):
         return x.double() @ self.u.to(x.device)
@@ -79,14 +86,18 @@ def _weighted_cdf(mu, mass, tau, grid):
     return (normal_cdf((grid[:, None] - grid[None, :]) / tau) * hist).sum(1)
 
 
-def tilted_mode_weights(accept_prob, reward, abar=1.0, rounds=1, compound=False, nodes_2d=48, nodes_1d=24):
+def tilted_mode_weights(
+    accept_prob, reward, abar=1.0, rounds=1, compound=False, nodes_2d=48, nodes_1d=24
+):
     """Mode weights of the law a GRAFT (abar = 1) or P-GRAFT (abar = abar_{N_I}) run targets.
 
-    accept_prob(r, F) -> P(accept | reward r, CDF value F) for float64 tensors (graft.AcceptRule.prob).
-    compound=False: every round samples from the reference, so the target is p a(F_ref) (any rounds).
+    accept_prob(r, F) -> P(accept | reward r, CDF value F) for float64 tensors
+    (graft.AcceptRule.prob).
+    compound=False: every round samples from the reference, so the target is p a(F_ref) (any
+    rounds).
     compound=True: round t samples from round t-1's target, so the tilts multiply over ``rounds``
     rounds, each with the CDF of the law it sampled from. Returns (8,) float64 summing to 1."""
-    s2 = TOY.std ** 2
+    s2 = TOY.std**2
     c, w, u = TOY.centers, TOY.weights, reward.u
     v = abar * s2 + 1 - abar  # variance of X_{N_I} within a mode
     z, wz = _gauss_hermite(nodes_2d)
@@ -99,9 +110,15 @@ def tilted_mode_weights(accept_prob, reward, abar=1.0, rounds=1, compound=False,
     d2 = ((x[:, None, :] - math.sqrt(abar) * c[None]) ** 2).sum(-1)
     post = torch.softmax(w.log()[None] - d2 / (2 * v), 1)  # (n, 8)
     tau = math.sqrt(max(s2 * (1 - abar) / v, 0.0))
-    m = c[None] + (math.sqrt(abar) * s2 / v) * (x[:, None, :] - math.sqrt(abar) * c[None])  # (n, 8, 2)
+    m = c[None] + (math.sqrt(abar) * s2 / v) * (
+        x[:, None, :] - math.sqrt(abar) * c[None]
+    )  # (n, 8, 2)
     mu = m @ u  # (n, 8): mean of r(X_0) given x and k
-    g1, wg1 = _gauss_hermite(nodes_1d) if tau > 0 else (torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64))
+    g1, wg1 = (
+        _gauss_hermite(nodes_1d)
+        if tau > 0
+        else (torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64))
+    )
     r_nodes = mu[..., None] + tau * g1  # (n, 8, Q1)
     lo, hi = float(mu.min()) - 6 * TOY.std, float(mu.max()) + 6 * TOY.std
     grid = torch.linspace(lo, hi, 2001, dtype=torch.float64)
@@ -112,7 +129,10 @@ def tilted_mode_weights(accept_prob, reward, abar=1.0, rounds=1, compound=False,
         if t > 0:  # the CDF of r(X_0) under the law sampled from in this round
             atoms = (mass[:, None] * post).reshape(-1)
             fg = _weighted_cdf(mu.reshape(-1), atoms / atoms.sum(), tau, grid)
-            cdf = lambda r, fg=fg: torch.from_numpy(np.interp(r.numpy(), grid.numpy(), fg.numpy()))  # noqa: E731
+
+            def cdf(r, fg=fg):
+                return torch.from_numpy(np.interp(r.numpy(), grid.numpy(), fg.numpy()))
+
         a = accept_prob(r_nodes, cdf(r_nodes))
         h = (post * (a * wg1).sum(-1)).sum(-1)  # h(x) = E[a | X_{N_I} = x]
         mass = mass * h

@@ -1,6 +1,7 @@
 """DDPO (the policy-gradient baseline): the recorded policy log-densities, the PPO-clip objective at
 the first inner step, per-condition advantages, the reward rising on toy2d, resume, refusals and
 divergence."""
+
 import json
 import math
 import os
@@ -18,8 +19,18 @@ from test_graft import exits_2, toy_base
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 32 x 8 = 256 chains of 9 stochastic steps per round: 2304 transitions, 9 optimiser steps
-TINY = ["--prompts", "32", "--M", "8", "--sample-steps", "10", "--batch-size", "256",
-        "--eval-samples", "300"]
+TINY = [
+    "--prompts",
+    "32",
+    "--M",
+    "8",
+    "--sample-steps",
+    "10",
+    "--batch-size",
+    "256",
+    "--eval-samples",
+    "300",
+]
 ONE = TINY + ["--rounds", "1"]
 
 
@@ -49,18 +60,28 @@ def test_recorded_log_probs_equal_the_networks(base, eta):
     g = torch.Generator().manual_seed(0)
     same, _ = process.sample(net, torch.randn(300, 2, generator=g), None, 0, None, g, eta, 20)
     assert torch.equal(x0, same)
-    n_all, m_all = torch.tensor(grid[:T]), torch.tensor(grid[1:T + 1])
+    n_all, m_all = torch.tensor(grid[:T]), torch.tensor(grid[1 : T + 1])
     i = torch.arange(300).repeat_interleave(T)
     j = torch.arange(T).repeat(300)
     perm = torch.randperm(len(i), generator=torch.Generator().manual_seed(1))
     i, j = i[perm], j[perm]
-    actions = list(zip(grid[:T], grid[1:T + 1]))
+    actions = list(zip(grid[:T], grid[1 : T + 1]))
     sigma, log_sigma = ddpo.action_sigmas(process, actions, eta, "cpu")
     with torch.no_grad():
         for lo in range(0, len(i), 777):
-            a, b = i[lo:lo + 777], j[lo:lo + 777]
-            lp, mean = ddpo.transition_logp(process, net, states[a, b], states[a, b + 1],
-                                            n_all[b], m_all[b], sigma[b], log_sigma[b], None, eta)
+            a, b = i[lo : lo + 777], j[lo : lo + 777]
+            lp, mean = ddpo.transition_logp(
+                process,
+                net,
+                states[a, b],
+                states[a, b + 1],
+                n_all[b],
+                m_all[b],
+                sigma[b],
+                log_sigma[b],
+                None,
+                eta,
+            )
             assert torch.allclose(lp, logp[a, b], rtol=0, atol=1e-5)
             normal = torch.distributions.Normal(mean.double(), sigma[b, None])
             ref = normal.log_prob(states[a, b + 1].double()).sum(1)
@@ -78,10 +99,12 @@ def test_first_inner_step_ratio_is_one_and_clipping_is_inactive(base, tmp_path, 
     def spy(logp, logp_old, adv, clip_range):
         loss, ratio = real(logp, logp_old, adv, clip_range)
         g_clip = torch.autograd.grad(loss, logp, retain_graph=True)[0]
-        g_plain = torch.autograd.grad((-adv * torch.exp(logp - logp_old)).mean(), logp,
-                                      retain_graph=True)[0]
+        g_plain = torch.autograd.grad(
+            (-adv * torch.exp(logp - logp_old)).mean(), logp, retain_graph=True
+        )[0]
         seen.append((ratio.detach(), g_clip, g_plain, adv))
         return loss, ratio
+
     monkeypatch.setattr(ddpo, "ppo_loss", spy)
     ddpo.main(["--base", base, "--out", str(tmp_path / "o"), "--clip-range", "1e-4"] + ONE)
     ratio, g_clip, g_plain, adv = seen[0]
@@ -101,8 +124,10 @@ def test_ppo_clip_and_kl_formulas():
     assert math.isclose(loss.item(), (-1.2 + math.exp(0.5) - math.exp(-0.5) + 0.8) / 4)
     mean, mean_ref = torch.randn(5, 2), torch.randn(5, 2)
     sigma = torch.rand(5, 1, dtype=torch.float64) + 0.1
-    kl = torch.distributions.kl_divergence(torch.distributions.Normal(mean.double(), sigma),
-                                           torch.distributions.Normal(mean_ref.double(), sigma))
+    kl = torch.distributions.kl_divergence(
+        torch.distributions.Normal(mean.double(), sigma),
+        torch.distributions.Normal(mean_ref.double(), sigma),
+    )
     assert torch.allclose(ddpo.kl_to_reference(mean, mean_ref, sigma), kl.sum(1))
     at_mean = -2 * math.log(0.5) - math.log(2 * math.pi)  # two dims, sigma 0.5
     assert torch.allclose(gaussian_log_prob(mean, mean, 0.5), torch.full((5,), at_mean).double())
@@ -134,9 +159,26 @@ def test_ddpo_raises_the_toy2d_reward(base, tmp_path):
     round and ends > 0.5 above the base's. Seeds 0-3 gave +0.80 to +0.93 (the noise of the
     evaluation is about 0.03)."""
     out = tmp_path / "d"
-    s = ddpo.main(["--base", base, "--out", str(out), "--prompts", "64", "--M", "8",
-                   "--sample-steps", "20", "--batch-size", "512", "--rounds", "3",
-                   "--eval-samples", "2000"])
+    s = ddpo.main(
+        [
+            "--base",
+            base,
+            "--out",
+            str(out),
+            "--prompts",
+            "64",
+            "--M",
+            "8",
+            "--sample-steps",
+            "20",
+            "--batch-size",
+            "512",
+            "--rounds",
+            "3",
+            "--eval-samples",
+            "2000",
+        ]
+    )
     assert s["reward_final"] > s["reward_base"] + 0.5, s
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [s["reward_base"]] + [r["eval_reward_mean"] for r in rows if "eval_reward_mean" in r]
@@ -146,8 +188,14 @@ def test_ddpo_raises_the_toy2d_reward(base, tmp_path):
     for k in ("task", "rounds", "reward", "reward_base", "reward_final", "mode_hist_final"):
         assert k in on_disk
     rnd = [r for r in rows if "eval_reward_mean" in r][0]
-    for k in ("reward_all_mean", "loss", "clipfrac", "advantage_abs_mean", "optimiser_steps",
-              "samples_generated"):
+    for k in (
+        "reward_all_mean",
+        "loss",
+        "clipfrac",
+        "advantage_abs_mean",
+        "optimiser_steps",
+        "samples_generated",
+    ):
         assert k in rnd
     assert rnd["optimiser_steps"] == 19  # 512 chains x 19 stochastic steps / 512
     assert np.load(out / "samples.npy").shape == (2000, 2) and (out / "samples.png").exists()
@@ -178,6 +226,7 @@ def test_resume_continues_after_last_round(base, tmp_path, capsys):
 def test_evaluation_is_graft_s(base, tmp_path):
     """The base is evaluated on graft.py's conditions and noise: the same reward_base."""
     import graft
+
     flags = ["--base", base, "--sample-steps", "10", "--eval-samples", "300", "--rounds", "1"]
     g = graft.main(flags + ["--out", str(tmp_path / "g"), "--prompts", "8", "--train-steps", "2"])
     d = ddpo.main(flags + ["--out", str(tmp_path / "d"), "--prompts", "8", "--batch-size", "64"])
@@ -187,13 +236,16 @@ def test_evaluation_is_graft_s(base, tmp_path):
 # ---------------------------------------------------------------- refusals ----
 def test_bad_input_exits_2_before_touching_out(base, tmp_path, capsys):
     out = tmp_path / "x"
-    cases = [(["--sampler", "ddim", "--eta", "0"], "deterministic"),
-             (["--clip-range", "0"], "--clip-range"), (["--inner-epochs", "0"], "--inner-epochs"),
-             (["--timestep-fraction", "1.5"], "--timestep-fraction"),
-             (["--eta", "0.5"], "--sampler ddpm"),
-             (["--min-count", "40", "--buffer-size", "20"], "--min-count"),
-             (["--sample-steps", "1"], "no stochastic step"),
-             (["--sample-steps", "201"], "exceeds the chain")]
+    cases = [
+        (["--sampler", "ddim", "--eta", "0"], "deterministic"),
+        (["--clip-range", "0"], "--clip-range"),
+        (["--inner-epochs", "0"], "--inner-epochs"),
+        (["--timestep-fraction", "1.5"], "--timestep-fraction"),
+        (["--eta", "0.5"], "--sampler ddpm"),
+        (["--min-count", "40", "--buffer-size", "20"], "--min-count"),
+        (["--sample-steps", "1"], "no stochastic step"),
+        (["--sample-steps", "201"], "exceeds the chain"),
+    ]
     for argv, what in cases:
         err = exits_2(ddpo.main, ["--base", base, "--out", str(out)] + argv, capsys)
         assert what in err, err
@@ -201,17 +253,33 @@ def test_bad_input_exits_2_before_touching_out(base, tmp_path, capsys):
 
 
 def test_cli_exit_code_2(tmp_path):
-    p = subprocess.run([sys.executable, "ddpo.py", "--sampler", "ddim", "--eta", "0", "--out",
-                        str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p = subprocess.run(
+        [
+            sys.executable,
+            "ddpo.py",
+            "--sampler",
+            "ddim",
+            "--eta",
+            "0",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "--eta" in p.stderr
     assert not (tmp_path / "o").exists()
 
 
 def test_divergence_exits_2_without_nan(base, tmp_path, capsys):
     out = tmp_path / "dv"
-    err = exits_2(ddpo.main, ["--base", base, "--out", str(out), "--lr", "1e8", "--grad-clip", "0"]
-                  + ONE, capsys)
+    err = exits_2(
+        ddpo.main,
+        ["--base", base, "--out", str(out), "--lr", "1e8", "--grad-clip", "0"] + ONE,
+        capsys,
+    )
     assert "diverged" in err and "--lr" in err
     assert not (out / "ckpt.pt").exists()  # no checkpoint of the exploded weights
     for name in ("metrics.jsonl", "summary.json"):
@@ -228,14 +296,38 @@ def test_ddpo_mnist_fabricated(tmp_path, monkeypatch):
     label), grids, accuracy in the summary; the first step's ratio is 1 here too (a sum over
     1024 pixels through a UNet)."""
     from test_rewards import tiny_mnist_setup
+
     data, base, clf = tiny_mnist_setup(tmp_path)
     ratios = []
     real = ddpo.ppo_loss
     monkeypatch.setattr(ddpo, "ppo_loss", lambda *a: ratios.append(real(*a)[1]) or real(*a))
     out = tmp_path / "d"
-    s = ddpo.main(["--task", "mnist", "--data-dir", data, "--base", base, "--classifier", clf,
-                   "--out", str(out), "--prompts", "10", "--M", "2", "--sample-steps", "4",
-                   "--batch-size", "20", "--eval-samples", "10", "--rounds", "1"])
+    s = ddpo.main(
+        [
+            "--task",
+            "mnist",
+            "--data-dir",
+            data,
+            "--base",
+            base,
+            "--classifier",
+            clf,
+            "--out",
+            str(out),
+            "--prompts",
+            "10",
+            "--M",
+            "2",
+            "--sample-steps",
+            "4",
+            "--batch-size",
+            "20",
+            "--eval-samples",
+            "10",
+            "--rounds",
+            "1",
+        ]
+    )
     for k in ("fid_base", "fid_final", "accuracy_base", "accuracy_final", "reward_final"):
         assert k in s
     assert s["reward"] == "digit" and s["samples_generated"] == 20

@@ -1,4 +1,5 @@
 """eval/flops.py: FLOPs per network evaluation (torch.utils.flop_counter) and per image."""
+
 import torch
 
 from eval.flops import flops_per_eval, flops_per_image, nfe
@@ -27,7 +28,9 @@ def test_conv_count_is_exact_and_per_image():
 def test_timemlp_count_matches_its_linear_layers():
     for h in (256, 128):
         m = TimeMLP(hidden=h)
-        macs = 64 * h + h * h + 2 * h + 3 * 2 * h * h + 2 * h  # t_mlp, inp, 3 blocks of 2 linears, out
+        macs = (
+            64 * h + h * h + 2 * h + 3 * 2 * h * h + 2 * h
+        )  # t_mlp, inp, 3 blocks of 2 linears, out
         assert flops_per_eval(m, torch.randn(9, 2)) == 2 * macs
 
 
@@ -39,7 +42,8 @@ def test_counting_restores_train_mode_and_takes_conditions():
 
 
 def test_paper_256_presets_on_meta_device():
-    """The paper (Table 5) implies 1.374e12 / 200 steps ~ 6.9e9 FLOPs per base evaluation; we report what
+    """The paper (Table 5) implies 1.374e12 / 200 steps ~ 6.9e9 FLOPs per base evaluation; we
+    report what
     flop_counter measures for our base256 preset (about 2.8e11: it counts 2 x MACs of every conv at
     256x256, see README) and check the order of magnitude and the corrector/base ratio."""
     with torch.device("meta"):
@@ -47,6 +51,9 @@ def test_paper_256_presets_on_meta_device():
         corr = unet_from_preset("corrector256", 256, 3)
         x = torch.zeros(1, 3, 256, 256)
     fb, fc = flops_per_eval(base, x), flops_per_eval(corr, x)
-    print(f"base256 {fb:.4g} FLOPs/eval, corrector256 {fc:.4g}, x200 steps: {200 * fb:.4g} / {200 * (fb + fc):.4g}")
+    print(
+        f"base256 {fb:.4g} FLOPs/eval, corrector256 {fc:.4g}, x200 steps: {200 * fb:.4g} / "
+        f"{200 * (fb + fc):.4g}"
+    )
     assert 1e9 < fb < 1e12
     assert 0.15 < fc / fb < 0.4  # channels 48 vs 96: ~1/4 of the conv work

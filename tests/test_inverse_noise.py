@@ -1,5 +1,6 @@
 """inverse_noise.py on toy2d with a deliberately under-trained base flow (under a minute on a CPU):
 the inversion, the corrector's gain, resumable chunks, one fp32 base, divergence, resume checks."""
+
 import json
 import os
 import shutil
@@ -20,17 +21,51 @@ def base_ckpt(tmp_path_factory):
     """A rectified flow trained for only 15 steps (still in its LR warm-up): far from the mixture
     (sliced W2 ~0.4), smooth enough that its 10-step Euler sampler inverts exactly."""
     out = tmp_path_factory.mktemp("base")
-    pretrain.main(["--model", "flow", "--train-steps", "15", "--batch-size", "256",
-                   "--out", str(out), "--eval-samples", "1000", "--ckpt-every", "0",
-                   "--device", "cpu"])
+    pretrain.main(
+        [
+            "--model",
+            "flow",
+            "--train-steps",
+            "15",
+            "--batch-size",
+            "256",
+            "--out",
+            str(out),
+            "--eval-samples",
+            "1000",
+            "--ckpt-every",
+            "0",
+            "--device",
+            "cpu",
+        ]
+    )
     return str(out / "ckpt.pt")
 
 
 def tiny_args(base, out, *extra):
-    return ["--base", base, "--out", str(out), "--device", "cpu", "--sample-steps", "5",
-            "--invert-samples", "800", "--chunk-size", "200", "--train-steps", "5",
-            "--eval-samples", "200", "--base-sample-steps", "5", "--corrector-sample-steps", "1",
-            *extra]
+    return [
+        "--base",
+        base,
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--sample-steps",
+        "5",
+        "--invert-samples",
+        "800",
+        "--chunk-size",
+        "200",
+        "--train-steps",
+        "5",
+        "--eval-samples",
+        "200",
+        "--base-sample-steps",
+        "5",
+        "--corrector-sample-steps",
+        "1",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -63,16 +98,54 @@ def test_inversion_round_trip_is_small(base_ckpt):
 
 def test_corrector_beats_base_at_same_N_and_writes_outputs(base_ckpt, tmp_path):
     out = tmp_path / "run"
-    s = inverse_noise.main(["--base", base_ckpt, "--out", str(out), "--device", "cpu",
-                            "--sample-steps", "10", "--invert-samples", "2000",
-                            "--chunk-size", "700", "--train-steps", "400", "--eval-samples", "3000",
-                            "--base-sample-steps", "10,20", "--corrector-sample-steps", "5,10"])
-    for name in ("table.csv", "table.md", "quality_vs_flops.png", "samples.png", "summary.json",
-                 "args.json", "metrics.jsonl", "corrector/ckpt.pt", "inverted/chunk_00002.pt"):
+    s = inverse_noise.main(
+        [
+            "--base",
+            base_ckpt,
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--sample-steps",
+            "10",
+            "--invert-samples",
+            "2000",
+            "--chunk-size",
+            "700",
+            "--train-steps",
+            "400",
+            "--eval-samples",
+            "3000",
+            "--base-sample-steps",
+            "10,20",
+            "--corrector-sample-steps",
+            "5,10",
+        ]
+    )
+    for name in (
+        "table.csv",
+        "table.md",
+        "quality_vs_flops.png",
+        "samples.png",
+        "summary.json",
+        "args.json",
+        "metrics.jsonl",
+        "corrector/ckpt.pt",
+        "inverted/chunk_00002.pt",
+    ):
         assert (out / name).is_file(), name
     on_disk = json.loads((out / "summary.json").read_text())
-    for k in ("task", "N", "N_c", "flops_base", "flops_corrected", "quality_base",
-              "quality_corrected", "rows", "claim"):
+    for k in (
+        "task",
+        "N",
+        "N_c",
+        "flops_base",
+        "flops_corrected",
+        "quality_base",
+        "quality_corrected",
+        "rows",
+        "claim",
+    ):
         assert k in on_disk, k
     assert on_disk["task"] == "toy2d" and on_disk["N"] == 10 and len(on_disk["rows"]) == 4
     assert len((out / "table.csv").read_text().strip().splitlines()) == 1 + 4
@@ -110,8 +183,9 @@ def test_resume_after_interruption_loses_nothing(base_ckpt, good_run, tmp_path):
     assert s_ref["inversion"]["computed_chunks"] == 4
 
     with pytest.raises(SystemExit) as e:
-        inverse_noise.main(tiny_args(base_ckpt, cut, "--perturb", "0.01",
-                                     "--stop-after-chunks", "2"))
+        inverse_noise.main(
+            tiny_args(base_ckpt, cut, "--perturb", "0.01", "--stop-after-chunks", "2")
+        )
     assert e.value.code == 3
     names, _ = read_chunks(cut)
     assert names == ["chunk_00000.pt", "chunk_00001.pt"]
@@ -142,6 +216,7 @@ def test_base_is_one_fp32_network_for_inversion_and_every_sample(base_ckpt, tmp_
     """The --bf16 bug: the table's samples must go through the very map that was inverted. A GPU
     cannot be assumed here, so wrap_net is replaced by a wrapper that records its bf16 flag, and
     every network the flow's invert and sample are called with is recorded."""
+
     class Wrapped:
         def __init__(self, model, bf16=False, compile=False):
             self.model, self.bf16 = model, bf16
@@ -160,10 +235,20 @@ def test_base_is_one_fp32_network_for_inversion_and_every_sample(base_ckpt, tmp_
     def sample(self, model, *a, **k):
         sampled.append(model)
         return real_sample(self, model, *a, **k)
+
     monkeypatch.setattr(RectifiedFlow, "invert", invert)
     monkeypatch.setattr(RectifiedFlow, "sample", sample)
-    inverse_noise.main(tiny_args(base_ckpt, tmp_path / "run", "--bf16",
-                                 "--base-sample-steps", "2,5", "--corrector-sample-steps", "1,2"))
+    inverse_noise.main(
+        tiny_args(
+            base_ckpt,
+            tmp_path / "run",
+            "--bf16",
+            "--base-sample-steps",
+            "2,5",
+            "--corrector-sample-steps",
+            "1,2",
+        )
+    )
     base_net = inverted[0]
     assert all(m is base_net for m in inverted) and isinstance(base_net, Wrapped)
     assert not base_net.bf16  # the base runs in fp32 whatever --bf16 says
@@ -191,6 +276,7 @@ def test_divergence_exits_2_and_keeps_the_good_checkpoint(good_run, base_ckpt, t
 
     def no_nan(text):
         raise AssertionError(f"non-finite {text} in JSON")
+
     for root, _, files in os.walk(out):
         for f in files:
             if f.endswith(".json"):
@@ -217,13 +303,15 @@ def test_bad_flags_are_refused_before_any_work(base_ckpt, tmp_path, capsys):
     assert "--n-fixed" in exits_2(tiny_args(base_ckpt, out, "--n-fixed", "0"), capsys)
     assert "--fid-samples" in exits_2(tiny_args(base_ckpt, out, "--fid-samples", "-2"), capsys)
     assert "--corrector-sample-steps" in exits_2(
-        tiny_args(base_ckpt, out, "--corrector-sample-steps", "0,2"), capsys)
+        tiny_args(base_ckpt, out, "--corrector-sample-steps", "0,2"), capsys
+    )
     assert "2-D preset" in exits_2(tiny_args(base_ckpt, out, "--corrector-preset", "tiny"), capsys)
     assert not out.exists()
 
 
-def test_interrupted_corrector_resumes_with_the_same_loss(good_run, base_ckpt, tmp_path,
-                                                          monkeypatch):
+def test_interrupted_corrector_resumes_with_the_same_loss(
+    good_run, base_ckpt, tmp_path, monkeypatch
+):
     """Killed after its step-24 checkpoint, the resumed corrector logs and reports the same loss
     (a mean over all 30 steps: the window since the last log is in the checkpoint) and weights."""
     ref, cut = tmp_path / "ref", tmp_path / "cut"
@@ -237,6 +325,7 @@ def test_interrupted_corrector_resumes_with_the_same_loss(good_run, base_ckpt, t
         if step == 27:
             raise KeyboardInterrupt
         return real_lr(step, *a, **k)
+
     monkeypatch.setattr(inverse_noise, "lr_at", crash_at_27)
     with pytest.raises(KeyboardInterrupt):
         inverse_noise.main(tiny_args(base_ckpt, cut, *steps))
@@ -248,6 +337,7 @@ def test_interrupted_corrector_resumes_with_the_same_loss(good_run, base_ckpt, t
     def losses(out):
         rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
         return [(r["step"], r["loss"]) for r in rows if r.get("phase") == "corrector"]
+
     assert losses(cut) == losses(ref) == [(30, s_ref["corrector_final_loss"])]
     a, b = (torch.load(o / "corrector" / "ckpt.pt", weights_only=True) for o in (ref, cut))
     for k in a["ema"]:

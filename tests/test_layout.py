@@ -1,10 +1,14 @@
-"""The project's layout rules, asserted: imports go one way (models <- tasks <- rewards, eval <- common <- scripts
+"""The project's layout rules, asserted: imports go one way (models <- tasks <- rewards, eval <-
+common <- scripts
 <- experiment drivers) and no script imports another script."""
+
 import ast
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = {f[:-3] for f in os.listdir(ROOT) if f.endswith(".py") and f not in ("common.py", "tasks.py")}
+SCRIPTS = {
+    f[:-3] for f in os.listdir(ROOT) if f.endswith(".py") and f not in ("common.py", "tasks.py")
+}
 # what each layer may import of ours (itself included)
 ALLOWED = {
     "models": {"models"},
@@ -25,7 +29,8 @@ def layer_of(rel):
 
 
 def imports_of(path):
-    """Top-level names of every import in the file, function-level ones included; relative imports count as
+    """Top-level names of every import in the file, function-level ones included; relative imports
+    count as
     the file's own package."""
     tree = ast.parse(open(path).read(), path)
     for node in ast.walk(tree):
@@ -41,7 +46,11 @@ def imports_of(path):
 
 def project_files():
     for d, dirs, files in os.walk(ROOT):
-        dirs[:] = [x for x in dirs if not x.startswith(".") and x not in ("tests", "runs", "docs", "__pycache__")]
+        dirs[:] = [
+            x
+            for x in dirs
+            if not x.startswith(".") and x not in ("tests", "runs", "docs", "__pycache__")
+        ]
         for f in files:
             if f.endswith(".py"):
                 yield os.path.relpath(os.path.join(d, f), ROOT)
@@ -50,7 +59,14 @@ def project_files():
 def test_imports_go_one_way():
     bad = []
     files = list(project_files())
-    assert {"graft.py", "pgraft.py", "pretrain.py", "inverse_noise.py", "common.py", "tasks.py"} <= set(files)
+    assert {
+        "graft.py",
+        "pgraft.py",
+        "pretrain.py",
+        "inverse_noise.py",
+        "common.py",
+        "tasks.py",
+    } <= set(files)
     for rel in files:
         layer = layer_of(rel)
         assert layer in ALLOWED, f"{rel}: no layer rule for it"

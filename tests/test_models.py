@@ -1,25 +1,51 @@
 """Networks, processes and checkpoints: shapes, conventions, identities, determinism, inversion."""
+
 import os
 
 import pytest
 import torch
 
-from models import (DDPM, EMA, PRESETS, CheckpointError, RectifiedFlow, TimeMLP, count_params, load_checkpoint,
-                    model_from_checkpoint, save_checkpoint, unet_from_preset)
+from models import (
+    DDPM,
+    EMA,
+    PRESETS,
+    CheckpointError,
+    RectifiedFlow,
+    TimeMLP,
+    count_params,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+    unet_from_preset,
+)
 
 
 # ---------------------------------------------------------------- networks ----
-@pytest.mark.parametrize("preset,res,ch,lo,hi", [
-    ("tiny", 32, 1, 0.05e6, 1e6), ("mnist", 32, 1, 0.5e6, 3e6), ("celeba64", 64, 3, 10e6, 40e6),
-    ("base256", 256, 3, 60e6, 70e6), ("corrector256", 256, 3, 14e6, 18e6)])
+@pytest.mark.parametrize(
+    "preset,res,ch,lo,hi",
+    [
+        ("tiny", 32, 1, 0.05e6, 1e6),
+        ("mnist", 32, 1, 0.5e6, 3e6),
+        ("celeba64", 64, 3, 10e6, 40e6),
+        ("base256", 256, 3, 60e6, 70e6),
+        ("corrector256", 256, 3, 14e6, 18e6),
+    ],
+)
 def test_preset_parameter_counts(preset, res, ch, lo, hi):
     # base256 ~65M and corrector256 ~16M are the paper's sizes (section 4)
     assert lo <= count_params(unet_from_preset(preset, res, ch)) <= hi
     assert set(PRESETS) >= {"tiny", "mnist", "celeba64", "base256", "corrector256"}
 
 
-@pytest.mark.parametrize("preset,res,ch,cond", [("tiny", 32, 1, {}), ("tiny", 16, 3, {"num_classes": 10}),
-                                                ("mnist", 32, 1, {"num_classes": 10}), ("tiny", 32, 3, {"cond_dim": 40})])
+@pytest.mark.parametrize(
+    "preset,res,ch,cond",
+    [
+        ("tiny", 32, 1, {}),
+        ("tiny", 16, 3, {"num_classes": 10}),
+        ("mnist", 32, 1, {"num_classes": 10}),
+        ("tiny", 32, 3, {"cond_dim": 40}),
+    ],
+)
 def test_unet_shapes_and_conditions(preset, res, ch, cond):
     net = unet_from_preset(preset, res, ch, **cond)
     x, t = torch.randn(3, ch, res, res), torch.rand(3)
@@ -61,7 +87,7 @@ def test_q_sample_moments():
     x0 = torch.full((200_000, 1), 0.7)
     xn = d.q_sample(x0, n, torch.randn(x0.shape, generator=g))
     ab = d.alpha_bar[40].item()
-    assert abs(xn.mean().item() - ab ** 0.5 * 0.7) < 0.01
+    assert abs(xn.mean().item() - ab**0.5 * 0.7) < 0.01
     assert abs(xn.var().item() - (1 - ab)) < 0.01
 
 
@@ -71,6 +97,7 @@ def test_loss_draws_steps_from_subrange_only():
     def net(x, t, y=None):
         seen.append(t)
         return torch.zeros_like(x)
+
     d.loss(net, torch.randn(512, 2), generator=torch.Generator().manual_seed(0), n_range=(61, 100))
     n = torch.cat(seen) * 100
     assert n.min() >= 61 - 1e-4 and n.max() <= 100 + 1e-4
@@ -88,15 +115,27 @@ def _net():
 def test_segments_stitch_into_full_run(num_steps, eta):
     d, net = DDPM(100), _net()
     z = torch.randn(64, 2, generator=torch.Generator().manual_seed(1))
-    full, saved = d.sample(net, z, y=None, generator=torch.Generator().manual_seed(2), eta=eta,
-                           num_steps=num_steps, return_at=[60])
+    full, saved = d.sample(
+        net,
+        z,
+        y=None,
+        generator=torch.Generator().manual_seed(2),
+        eta=eta,
+        num_steps=num_steps,
+        return_at=[60],
+    )
     g = torch.Generator().manual_seed(2)
     mid, _ = d.sample(net, z, start=100, stop=60, generator=g, eta=eta, num_steps=num_steps)
     end, _ = d.sample(net, mid, start=60, stop=0, generator=g, eta=eta, num_steps=num_steps)
     assert torch.allclose(mid, saved[60]) and torch.allclose(end, full, atol=1e-6)
     # the segment form (network per segment) gives the same with the same network twice
-    seg, _ = d.sample([(net, 100, 60), (net, 60, 0)], z, generator=torch.Generator().manual_seed(2), eta=eta,
-                      num_steps=num_steps)
+    seg, _ = d.sample(
+        [(net, 100, 60), (net, 60, 0)],
+        z,
+        generator=torch.Generator().manual_seed(2),
+        eta=eta,
+        num_steps=num_steps,
+    )
     assert torch.allclose(seg, full, atol=1e-6)
 
 
@@ -107,16 +146,28 @@ def test_segments_use_their_own_network():
         def f(x, t, y=None):
             calls.append((name, round(t[0].item() * 50)))
             return torch.zeros_like(x)
+
         return f
-    d.sample([(tag("ft"), 50, 20), (tag("ref"), 20, 0)], torch.randn(2, 2), generator=torch.Generator())
-    assert all(name == "ft" for name, n in calls if n > 20) and all(name == "ref" for name, n in calls if n <= 20)
+
+    d.sample(
+        [(tag("ft"), 50, 20), (tag("ref"), 20, 0)], torch.randn(2, 2), generator=torch.Generator()
+    )
+    assert all(name == "ft" for name, n in calls if n > 20) and all(
+        name == "ref" for name, n in calls if n <= 20
+    )
     assert [n for _, n in calls] == list(range(50, 0, -1))  # sampling runs N..1, noise at N
 
 
 def test_sampling_determinism_under_generator():
     d, net = DDPM(100), _net()
-    run = lambda s: d.sample(net, torch.randn(16, 2, generator=torch.Generator().manual_seed(s)),  # noqa: E731
-                             generator=torch.Generator().manual_seed(s))[0]
+
+    def run(s):
+        return d.sample(
+            net,
+            torch.randn(16, 2, generator=torch.Generator().manual_seed(s)),
+            generator=torch.Generator().manual_seed(s),
+        )[0]
+
     assert torch.equal(run(3), run(3)) and not torch.allclose(run(3), run(4))
 
 
@@ -141,6 +192,7 @@ def test_flow_convention_noise_at_t0_data_at_t1():
     def net(x, t, y=None):
         seen["x"], seen["t"] = x, t
         return torch.zeros_like(x)
+
     x1 = torch.randn(5, 2)
     RectifiedFlow().loss(net, x1, generator=torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(0)
@@ -150,7 +202,10 @@ def test_flow_convention_noise_at_t0_data_at_t1():
     assert torch.allclose(seen["x"], t[:, None] * x1 + (1 - t[:, None]) * x0)
     # the exact velocity toward a point mass carries noise at t=0 to the data at t=1
     target = torch.tensor([[1.5, -0.5]])
-    v = lambda x, t, y=None: (target - x) / (1 - t[:, None]).clamp(min=1e-6)  # noqa: E731
+
+    def v(x, t, y=None):
+        return (target - x) / (1 - t[:, None]).clamp(min=1e-6)
+
     out = RectifiedFlow().sample(v, torch.randn(4, 2), 10)
     assert torch.allclose(out, target.expand(4, 2), atol=1e-5)
 
@@ -197,7 +252,9 @@ def test_checkpoint_round_trip_rebuilds_model(tmp_path):
     for p in net.parameters():
         p.data.add_(0.01)
     ema.update(net)
-    path = save_checkpoint(tmp_path / "c.pt", net, DDPM(50), ema, opt, step=7, args={"lr": 1e-3, "p": tmp_path})
+    path = save_checkpoint(
+        tmp_path / "c.pt", net, DDPM(50), ema, opt, step=7, args={"lr": 1e-3, "p": tmp_path}
+    )
     ckpt = load_checkpoint(path)
     assert ckpt["step"] == 7 and ckpt["args"]["lr"] == 1e-3 and ckpt["process"]["n_steps"] == 50
     assert {"torch", "numpy", "python"} <= set(ckpt["rng"]) and ckpt["optimizer"] is not None
@@ -217,6 +274,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         with open(f, "wb") as fh:
             fh.write(b"partial")
         raise OSError("disk full")
+
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError):
         save_checkpoint(path, net, step=2)
@@ -247,32 +305,44 @@ def test_sampling_loops_never_call_item(monkeypatch):
     # a host sync per step would stall a GPU; .item() is the usual culprit
     def boom(self):
         raise AssertionError(".item() inside a sampling loop")
+
     net = _net()
     monkeypatch.setattr(torch.Tensor, "item", boom)
-    DDPM(50).sample([(net, 50, 20), (net, 20, 0)], torch.randn(4, 2), generator=torch.Generator(), return_at=[20])
+    DDPM(50).sample(
+        [(net, 50, 20), (net, 20, 0)],
+        torch.randn(4, 2),
+        generator=torch.Generator(),
+        return_at=[20],
+    )
     flow = RectifiedFlow()
     flow.invert(net, flow.sample(net, torch.randn(4, 2), 5, method="heun"), 5, n_fixed=3)
 
 
 def test_linear_schedule_refuses_n_at_or_below_20_and_abar_depends_on_n():
     from models.diffusion import make_betas
+
     for n in (5, 20):
         with pytest.raises(ValueError, match="N > 20"):
             DDPM(n, "linear")
     d21 = DDPM(21)
     assert torch.isfinite(d21.alpha_bar).all() and d21.alpha_bar[-1] > 0
-    assert abs(DDPM(1000).alpha_bar[-1].item() - 4.0e-5) < 1e-6 and abs(DDPM(50).alpha_bar[-1].item() - 7.7e-6) < 1e-6
+    assert (
+        abs(DDPM(1000).alpha_bar[-1].item() - 4.0e-5) < 1e-6
+        and abs(DDPM(50).alpha_bar[-1].item() - 7.7e-6) < 1e-6
+    )
     assert make_betas(1000, "linear")[-1].item() == pytest.approx(0.02)
     assert torch.isfinite(DDPM(10, "cosine").alpha_bar).all()
 
 
 def test_flow_heun_nfe_and_invert_needs_a_fixed_point_iteration():
     from models import RectifiedFlow
+
     calls = []
 
     def net(x, t, y=None):
         calls.append(1)
         return -x
+
     flow = RectifiedFlow()
     flow.sample(net, torch.zeros(2, 2), 5, method="heun")
     assert len(calls) == RectifiedFlow.nfe(5, "heun") == 10  # two evaluations per step, 2N
@@ -282,6 +352,7 @@ def test_flow_heun_nfe_and_invert_needs_a_fixed_point_iteration():
 
 def test_condition_dropout_uses_the_null_condition():
     from models import drop_conditions
+
     g = torch.Generator().manual_seed(0)
     y = torch.arange(10).repeat(100)
     d = drop_conditions(y, 0.3, g)
@@ -289,5 +360,8 @@ def test_condition_dropout_uses_the_null_condition():
     assert abs(dropped.float().mean().item() - 0.3) < 0.05 and torch.equal(d[~dropped], y[~dropped])
     a = torch.ones(1000, 40)
     da = drop_conditions(a, 0.5, g)
-    assert set(da.sum(1).tolist()) == {0.0, 40.0}  # whole rows become the all-zero (null) attribute vector
+    assert set(da.sum(1).tolist()) == {
+        0.0,
+        40.0,
+    }  # whole rows become the all-zero (null) attribute vector
     assert drop_conditions(y, 0.0, g) is y and drop_conditions(None, 0.5, g) is None

@@ -1,5 +1,6 @@
 """P-GRAFT: the bridge loss, stitching, the Lemma 4.3 diagnostic (theory check 4), the N_I sweep,
 the exact toy2d target, resume, refusals, and the image paths on fabricated MNIST and CelebA."""
+
 import json
 import math
 import os
@@ -22,18 +23,26 @@ def base(tmp_path_factory):
 def test_bridge_loss_at_n_i_zero_is_the_plain_loss():
     proc = DDPM(200)
     net = torch.nn.Linear(2, 2)
-    model = lambda x, t, y: net(x) * (1 + t[:, None])  # noqa: E731
+
+    def model(x, t, y):
+        return net(x) * (1 + t[:, None])
+
     x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
     plain = proc.loss(model, x, None, torch.Generator().manual_seed(1))
     bridge = pgraft.bridge_loss(model, x, None, 0, proc, torch.Generator().manual_seed(1))
-    assert torch.equal(plain, bridge)  # draw for draw: what makes pgraft --n-i 0 reproduce graft exactly
+    assert torch.equal(
+        plain, bridge
+    )  # draw for draw: what makes pgraft --n-i 0 reproduce graft exactly
 
 
 @pytest.mark.parametrize("v0", [0.05, 4.0])
 def test_bridge_loss_minimiser_is_the_exact_eps_prediction(v0):
-    """Data N(0, v0 I), v0 far from 1: the exact eps-prediction is sqrt(1-ab) x / (ab v0 + 1 - ab). Scaled by c, the
-    bridge loss on forward states X_{N_I} (quadratic in c, common random numbers) is minimised at c = 1 within 0.005,
-    the x0 loss on X_0 too; the naive loss (plain eps loss on X_{N_I} with full-chain coefficients) is not."""
+    """Data N(0, v0 I), v0 far from 1: the exact eps-prediction is sqrt(1-ab) x / (ab v0 + 1 - ab).
+    Scaled by c, the
+    bridge loss on forward states X_{N_I} (quadratic in c, common random numbers) is minimised at c
+    = 1 within 0.005,
+    the x0 loss on X_0 too; the naive loss (plain eps loss on X_{N_I} with full-chain coefficients)
+    is not."""
     N, n_i = 200, 60
     proc = DDPM(N)
     g = torch.Generator().manual_seed(0)
@@ -46,30 +55,43 @@ def test_bridge_loss_minimiser_is_the_exact_eps_prediction(v0):
             def net(x, t, y):
                 ab = proc.alpha_bar[(t * N).round().long()].float()[:, None]
                 return c * (1 - ab).sqrt() * x / (ab * v0 + 1 - ab)
+
             gen = torch.Generator().manual_seed(5)
             if kind == "bridge":
                 return pgraft.bridge_loss(net, x_ni, None, n_i, proc, gen).double()
-            return proc.loss(net, x0 if kind == "x0" else x_ni, None, gen, n_range=(n_i + 1, N)).double()
+            return proc.loss(
+                net, x0 if kind == "x0" else x_ni, None, gen, n_range=(n_i + 1, N)
+            ).double()
+
         l0, l1, l2 = loss(0.0), loss(1.0), loss(2.0)
         a = (l2 - 2 * l1 + l0) / 2
         return ((l0 - l1 + a) / (2 * a)).item()
+
     assert abs(c_star("bridge") - 1) < 0.005
     assert abs(c_star("x0") - 1) < 0.005
     assert abs(c_star("naive") - 1) > 0.03
 
 
 def test_stitched_sampler_switches_networks_at_n_i(base):
-    """Two different networks: the stitched run equals net A for N -> N_I then net B for N_I -> 0, and differs
+    """Two different networks: the stitched run equals net A for N -> N_I then net B for N_I -> 0,
+    and differs
     from a switch one step early or late (an off-by-one at N_I shows)."""
     from common import load_base
+
     ref, proc, _ = load_base(base, "cpu")
     other = torch.nn.Linear(2, 2)
-    net_b = lambda x, t, y: ref(x, t, y) + other(x) * 0.5  # noqa: E731
+
+    def net_b(x, t, y):
+        return ref(x, t, y) + other(x) * 0.5
+
     N, n_i = proc.N, 50
     z = torch.randn(64, 2, generator=torch.Generator().manual_seed(3))
 
     def run(segments):
-        return proc.sample(segments, z, generator=torch.Generator().manual_seed(4), num_steps=None)[0]
+        return proc.sample(segments, z, generator=torch.Generator().manual_seed(4), num_steps=None)[
+            0
+        ]
+
     stitched = run(pgraft.stitched(ref, net_b, N, n_i))
     g = torch.Generator().manual_seed(4)
     mid, _ = proc.sample(ref, z, None, n_i, None, g)
@@ -86,21 +108,33 @@ def test_lemma_4_3_diagnostic_is_nondecreasing_in_noise(base):
     from eval.lemma43 import conditional_reward_variance
     from rewards.toy2d import LinearReward
     from tasks import get_task
+
     ref, proc, _ = load_base(base, "cpu")
-    res = conditional_reward_variance(ref, proc, get_task("toy2d"), LinearReward(), [0, 10, 25, 50, 100, 200],
-                                      n_states=300, n_cont=8, generator=torch.Generator().manual_seed(0),
-                                      sample_steps=50)
+    res = conditional_reward_variance(
+        ref,
+        proc,
+        get_task("toy2d"),
+        LinearReward(),
+        [0, 10, 25, 50, 100, 200],
+        n_states=300,
+        n_cont=8,
+        generator=torch.Generator().manual_seed(0),
+        sample_steps=50,
+    )
     v = [m for m, _ in res.values()]
     assert list(res) == [0, 10, 25, 50, 100, 200] and v[0] == 0
     assert all(b >= a for a, b in zip(v, v[1:])), res
     assert v[-1] > 1.0  # at t = N the variance is nearly Var(r) under the model (about 1.7)
 
 
-# ---------------------------------------------------------------- the deliberate copy of graft.py ----
+# ---------------------------------------------------------------- the deliberate copy of graft.py
+# ----
 def test_pgraft_at_n_i_zero_reproduces_graft_exactly(base, tmp_path):
-    """The round loop is copied in pgraft.py on purpose; at N_I = 0 (default flags otherwise) it must give graft.py's
+    """The round loop is copied in pgraft.py on purpose; at N_I = 0 (default flags otherwise) it
+    must give graft.py's
     accepted set, fine-tuned weights, EMA and summary exactly, over two rounds."""
     import graft
+
     args = ["--base", base] + TINY + ["--rounds", "2"]
     sg = graft.main(args + ["--out", str(tmp_path / "g")])
     sp = pgraft.main(args + ["--out", str(tmp_path / "p"), "--n-i", "0", "--lemma-levels", "none"])
@@ -111,21 +145,51 @@ def test_pgraft_at_n_i_zero_reproduces_graft_exactly(base, tmp_path):
         for k in cg[part]:
             assert torch.equal(cg[part][k], cp[part][k]), (part, k)
     skip = {"wall_time_s", "method", "checkpoint"}
-    assert {k: v for k, v in sg.items() if k not in skip} == {k: v for k, v in sp.items() if k in sg and k not in skip}
+    assert {k: v for k, v in sg.items() if k not in skip} == {
+        k: v for k, v in sp.items() if k in sg and k not in skip
+    }
     assert {k: v for k, v in pgraft.TASK_DEFAULTS.items()} == {
-        t: dict(d, lemma_states=pgraft.TASK_DEFAULTS[t]["lemma_states"]) for t, d in graft.TASK_DEFAULTS.items()}
+        t: dict(d, lemma_states=pgraft.TASK_DEFAULTS[t]["lemma_states"])
+        for t, d in graft.TASK_DEFAULTS.items()
+    }
 
 
 # ---------------------------------------------------------------- end to end ----
 def test_pgraft_toy2d_matches_its_exact_target_and_writes_everything(base, tmp_path):
     out = tmp_path / "p"
-    s = pgraft.main(["--base", base, "--out", str(out), "--n-i", "0.25", "--prompts", "1000",
-                     "--sample-steps", "50", "--train-steps", "600", "--eval-samples", "8000", "--lemma-states", "64"])
+    s = pgraft.main(
+        [
+            "--base",
+            base,
+            "--out",
+            str(out),
+            "--n-i",
+            "0.25",
+            "--prompts",
+            "1000",
+            "--sample-steps",
+            "50",
+            "--train-steps",
+            "600",
+            "--eval-samples",
+            "8000",
+            "--lemma-states",
+            "64",
+        ]
+    )
     assert s["n_i"] == 50 and s["method"] == "pgraft" and s["loss"] == "bridge"
     assert s["tilt_tv"] < 0.05 and s["tilt_tv_base"] > 0.2, s
     assert s["reward_final"] > s["reward_base"] + 0.5
-    for f in ("summary.json", "metrics.jsonl", "args.json", "ckpt.pt", "samples.npy", "samples.png", "lemma43.json",
-              "lemma43.png"):
+    for f in (
+        "summary.json",
+        "metrics.jsonl",
+        "args.json",
+        "ckpt.pt",
+        "samples.npy",
+        "samples.png",
+        "lemma43.json",
+        "lemma43.png",
+    ):
         assert (out / f).exists(), f
     lemma = json.loads((out / "lemma43.json").read_text())["levels"]
     assert set(lemma) == {"20", "50", "100", "200"}
@@ -133,18 +197,33 @@ def test_pgraft_toy2d_matches_its_exact_target_and_writes_everything(base, tmp_p
 
 def test_sweep_writes_table_and_plot(base, tmp_path):
     out = tmp_path / "sw"
-    s = pgraft.main(["--base", base, "--out", str(out), "--n-i", "0,0.5", "--lemma-levels", "none"] + TINY)
+    s = pgraft.main(
+        ["--base", base, "--out", str(out), "--n-i", "0,0.5", "--lemma-levels", "none"] + TINY
+    )
     assert s["n_i"] == [0, 100] and len(s["reward_final"]) == 2 and len(s["tilt_tv"]) == 2
     for f in ("sweep.md", "sweep.csv", "sweep.png", "ni_0/summary.json", "ni_100/summary.json"):
         assert (out / f).exists(), f
     table = (out / "sweep.md").read_text()
     assert "| base |" in table and "| 100 |" in table and "tilt_tv_base" in table
-    assert len(s["tilt_tv_base"]) == 2 and s["tilt_tv_base"][0] != s["tilt_tv_base"][1]  # one target per N_I
+    assert (
+        len(s["tilt_tv_base"]) == 2 and s["tilt_tv_base"][0] != s["tilt_tv_base"][1]
+    )  # one target per N_I
 
 
 def test_loss_x0_resume_and_current(base, tmp_path, capsys):
     out = str(tmp_path / "x")
-    common = ["--base", base, "--out", out, "--loss", "x0", "--sample-from", "current", "--lemma-levels", "none"] + TINY
+    common = [
+        "--base",
+        base,
+        "--out",
+        out,
+        "--loss",
+        "x0",
+        "--sample-from",
+        "current",
+        "--lemma-levels",
+        "none",
+    ] + TINY
     s1 = pgraft.main(common + ["--rounds", "1"])
     s2 = pgraft.main(common + ["--rounds", "2", "--resume"])
     assert "resumed from" in capsys.readouterr().out
@@ -155,43 +234,139 @@ def test_loss_x0_resume_and_current(base, tmp_path, capsys):
 
 def test_refusals(base, tmp_path, capsys):
     out = ["--out", str(tmp_path / "r")]
-    assert "collapse to GRAFT" in exits_2(pgraft.main, ["--base", base, "--sampler", "ddim", "--eta", "0"] + out, capsys)
+    assert "collapse to GRAFT" in exits_2(
+        pgraft.main, ["--base", base, "--sampler", "ddim", "--eta", "0"] + out, capsys
+    )
     assert "out of range" in exits_2(pgraft.main, ["--base", base, "--n-i", "250"] + out, capsys)
     assert "out of range" in exits_2(pgraft.main, ["--base", base, "--n-i", "1.5"] + out, capsys)
-    assert "expected numbers" in exits_2(pgraft.main, ["--base", base, "--n-i", "half"] + out, capsys)
+    assert "expected numbers" in exits_2(
+        pgraft.main, ["--base", base, "--n-i", "half"] + out, capsys
+    )
     assert "twice" in exits_2(pgraft.main, ["--base", base, "--n-i", "0.25,50"] + out, capsys)
-    assert "--sample-steps" in exits_2(pgraft.main, ["--base", base, "--sample-steps", "500"] + out, capsys)
+    assert "--sample-steps" in exits_2(
+        pgraft.main, ["--base", base, "--sample-steps", "500"] + out, capsys
+    )
     assert "--sampler ddpm" in exits_2(pgraft.main, ["--base", base, "--eta", "0.5"] + out, capsys)
     assert "--cond-drop" in exits_2(pgraft.main, ["--base", base, "--cfg-scale", "2"] + out, capsys)
     assert not os.path.exists(tmp_path / "r")  # refused before anything was written
     assert "--K 5" in exits_2(pgraft.main, ["--base", base, "--M", "4", "--K", "5"] + out, capsys)
-    assert "continuations" in exits_2(pgraft.main, ["--base", base, "--lemma-continuations", "1"] + out, capsys)
+    assert "continuations" in exits_2(
+        pgraft.main, ["--base", base, "--lemma-continuations", "1"] + out, capsys
+    )
 
 
 # ---------------------------------------------------------------- image paths ----
 def test_pgraft_mnist_fabricated(tmp_path):
     from test_rewards import tiny_mnist_setup
+
     data, base, clf = tiny_mnist_setup(tmp_path)
-    s = pgraft.main(["--task", "mnist", "--data-dir", data, "--base", base,
-                     "--classifier", clf, "--out", str(tmp_path / "p"), "--prompts", "10", "--M", "2", "--K", "1",
-                     "--train-steps", "2", "--batch-size", "4", "--eval-samples", "10", "--sample-steps", "4",
-                     "--rounds", "1", "--n-i", "0.5", "--lemma-states", "2", "--lemma-continuations", "2",
-                     "--fid-samples", "0"])
+    s = pgraft.main(
+        [
+            "--task",
+            "mnist",
+            "--data-dir",
+            data,
+            "--base",
+            base,
+            "--classifier",
+            clf,
+            "--out",
+            str(tmp_path / "p"),
+            "--prompts",
+            "10",
+            "--M",
+            "2",
+            "--K",
+            "1",
+            "--train-steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--eval-samples",
+            "10",
+            "--sample-steps",
+            "4",
+            "--rounds",
+            "1",
+            "--n-i",
+            "0.5",
+            "--lemma-states",
+            "2",
+            "--lemma-continuations",
+            "2",
+            "--fid-samples",
+            "0",
+        ]
+    )
     assert s["n_i"] == 500 and "accuracy_final" in s and s["fid_final"] is None
 
 
 def test_pgraft_celeba_fabricated(tmp_path):
     from test_rewards import make_celeba_tree
     from rewards.classifier import train_classifier
+
     root = make_celeba_tree(str(tmp_path / "celeba"))
-    pretrain.main(["--task", "celeba", "--data-dir", root, "--preset", "tiny", "--train-steps", "2",
-                   "--batch-size", "2", "--out", str(tmp_path / "base"), "--eval-samples", "2", "--fid-samples", "0"])
+    pretrain.main(
+        [
+            "--task",
+            "celeba",
+            "--data-dir",
+            root,
+            "--preset",
+            "tiny",
+            "--train-steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--out",
+            str(tmp_path / "base"),
+            "--eval-samples",
+            "2",
+            "--fid-samples",
+            "0",
+        ]
+    )
     clf = str(tmp_path / "clf.pt")
     train_classifier("celeba", out=clf, steps=2, batch_size=4, data_dir=root)
-    s = pgraft.main(["--task", "celeba", "--data-dir", root, "--base", str(tmp_path / "base" / "ckpt.pt"),
-                     "--reward", "smiling", "--classifier", clf, "--out", str(tmp_path / "p"), "--prompts", "2",
-                     "--M", "2", "--K", "1", "--train-steps", "2", "--batch-size", "2", "--eval-samples", "2",
-                     "--sample-steps", "3", "--n-i", "0.5", "--lemma-states", "2", "--lemma-continuations", "2",
-                     "--fid-samples", "0", "--rounds", "1"])
+    s = pgraft.main(
+        [
+            "--task",
+            "celeba",
+            "--data-dir",
+            root,
+            "--base",
+            str(tmp_path / "base" / "ckpt.pt"),
+            "--reward",
+            "smiling",
+            "--classifier",
+            clf,
+            "--out",
+            str(tmp_path / "p"),
+            "--prompts",
+            "2",
+            "--M",
+            "2",
+            "--K",
+            "1",
+            "--train-steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--eval-samples",
+            "2",
+            "--sample-steps",
+            "3",
+            "--n-i",
+            "0.5",
+            "--lemma-states",
+            "2",
+            "--lemma-continuations",
+            "2",
+            "--fid-samples",
+            "0",
+            "--rounds",
+            "1",
+        ]
+    )
     assert s["task"] == "celeba" and s["reward"] == "smiling" and math.isfinite(s["reward_final"])
     assert os.path.exists(tmp_path / "p" / "samples_round1.png")

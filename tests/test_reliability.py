@@ -9,6 +9,7 @@
    weights;
 5. every JSON file a run writes is strict JSON (no NaN / Infinity).
 """
+
 import hashlib
 import inspect
 import json
@@ -39,17 +40,47 @@ CUDA = torch.cuda.is_available()
 
 try:  # inverse_noise.py is being rewritten: its cases run once it has the new flag names
     import inverse_noise
+
     INV_READY = "--invert-samples" in inspect.getsource(inverse_noise.get_args)
 except Exception:  # noqa: BLE001 - a half-rewritten file must not break the other scripts' tests
     inverse_noise, INV_READY = None, False
 needs_inv = pytest.mark.skipif(not INV_READY, reason="inverse_noise.py lacks its new flags")
 
-TINY = ["--prompts", "50", "--M", "4", "--K", "1", "--train-steps", "20", "--eval-samples", "200",
-        "--sample-steps", "10", "--device", "cpu"]
+TINY = [
+    "--prompts",
+    "50",
+    "--M",
+    "4",
+    "--K",
+    "1",
+    "--train-steps",
+    "20",
+    "--eval-samples",
+    "200",
+    "--sample-steps",
+    "10",
+    "--device",
+    "cpu",
+]
 LEMMA = ["--lemma-levels", "0.5", "--lemma-states", "16", "--lemma-continuations", "2"]
-INV_TINY = ["--sample-steps", "5", "--invert-samples", "200", "--chunk-size", "100",
-            "--train-steps", "5", "--eval-samples", "200", "--corrector-sample-steps", "1",
-            "--base-sample-steps", "5", "--device", "cpu"]
+INV_TINY = [
+    "--sample-steps",
+    "5",
+    "--invert-samples",
+    "200",
+    "--chunk-size",
+    "100",
+    "--train-steps",
+    "5",
+    "--eval-samples",
+    "200",
+    "--corrector-sample-steps",
+    "1",
+    "--base-sample-steps",
+    "5",
+    "--device",
+    "cpu",
+]
 
 
 # ---------------------------------------------------------------- helpers ----
@@ -87,8 +118,11 @@ def file_hash(path):
 
 def tree_hash(folder):
     """{relative path: sha256} of every file under ``folder``: equal means byte-identical."""
-    return {os.path.relpath(os.path.join(d, f), folder): file_hash(os.path.join(d, f))
-            for d, _, files in os.walk(folder) for f in files}
+    return {
+        os.path.relpath(os.path.join(d, f), folder): file_hash(os.path.join(d, f))
+        for d, _, files in os.walk(folder)
+        for f in files
+    }
 
 
 def exits_2(main, argv, capsys):
@@ -106,8 +140,21 @@ def exits_2(main, argv, capsys):
 
 # ---------------------------------------------------------------- finished runs ----
 def _pretrain(out, *flags):
-    pretrain.main(["--train-steps", "200", "--batch-size", "64", "--eval-samples", "200",
-                   "--device", "cpu", "--out", str(out), *flags])
+    pretrain.main(
+        [
+            "--train-steps",
+            "200",
+            "--batch-size",
+            "64",
+            "--eval-samples",
+            "200",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            *flags,
+        ]
+    )
     return str(out / "ckpt.pt")
 
 
@@ -116,9 +163,16 @@ def runs(tmp_path_factory):
     """One finished tiny run of each script and the bad files the refusals are fed, under root.
     Attributes are the paths the BAD table's {name} fields refer to."""
     root = tmp_path_factory.mktemp("reliability")
-    r = types.SimpleNamespace(root=root, pre=root / "pretrain", graft=root / "graft",
-                              pgraft=root / "pgraft", inv=root / "inverse_noise",
-                              clf=root / "classifier", fid=root / "fid", bad=root / "bad")
+    r = types.SimpleNamespace(
+        root=root,
+        pre=root / "pretrain",
+        graft=root / "graft",
+        pgraft=root / "pgraft",
+        inv=root / "inverse_noise",
+        clf=root / "classifier",
+        fid=root / "fid",
+        bad=root / "bad",
+    )
     r.base = _pretrain(r.pre)
     r.flow_dir = root / "flow"
     r.flow = _pretrain(r.flow_dir, "--model", "flow", "--train-steps", "100")
@@ -129,12 +183,43 @@ def runs(tmp_path_factory):
     # fabricated MNIST: a tiny class-conditional base (another task's DDPM) and a classifier
     r.mnist = make_mnist_pickle(str(root / "data" / "mnist"), n=60)
     r.mnist_dir = root / "mnist_base"
-    r.mnist_base = _pretrain(r.mnist_dir, "--task", "mnist", "--data-dir", r.mnist, "--preset",
-                             "tiny", "--train-steps", "2", "--batch-size", "4", "--eval-samples",
-                             "2", "--fid-samples", "0", "--warmup", "1")
-    classifier_cli.main(["--task", "mnist", "--data-dir", r.mnist, "--train-steps", "3",
-                         "--batch-size", "8", "--eval-samples", "10", "--device", "cpu",
-                         "--out", str(r.clf / "clf.pt")])
+    r.mnist_base = _pretrain(
+        r.mnist_dir,
+        "--task",
+        "mnist",
+        "--data-dir",
+        r.mnist,
+        "--preset",
+        "tiny",
+        "--train-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--eval-samples",
+        "2",
+        "--fid-samples",
+        "0",
+        "--warmup",
+        "1",
+    )
+    classifier_cli.main(
+        [
+            "--task",
+            "mnist",
+            "--data-dir",
+            r.mnist,
+            "--train-steps",
+            "3",
+            "--batch-size",
+            "8",
+            "--eval-samples",
+            "10",
+            "--device",
+            "cpu",
+            "--out",
+            str(r.clf / "clf.pt"),
+        ]
+    )
     # FID statistics: a good pair, a finished "run" that saved one of them, and broken ones
     bad = r.bad
     bad.mkdir()
@@ -158,8 +243,12 @@ def runs(tmp_path_factory):
     torch.save({"format": "pgraft-1"}, bad / "format_only.pt")
     raw = bad / "mnist_empty" / "MNIST" / "raw"  # torchvision's four files, the images empty
     raw.mkdir(parents=True)
-    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-                 "t10k-labels-idx1-ubyte"):
+    for name in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ):
         (raw / name).write_bytes(b"" if "images" in name else b"\x00\x00\x08\x01\x00\x00\x00\x00")
     lone = bad / "mnist_lone" / "MNIST" / "raw"  # only an empty train-images file
     lone.mkdir(parents=True)
@@ -172,8 +261,14 @@ def runs(tmp_path_factory):
 
 
 # ---------------------------------------------------------------- 1. bad input ----
-MODULES = {"pretrain": pretrain, "graft": graft, "pgraft": pgraft, "inverse_noise": inverse_noise,
-           "classifier": classifier_cli, "fid": fid_cli}
+MODULES = {
+    "pretrain": pretrain,
+    "graft": graft,
+    "pgraft": pgraft,
+    "inverse_noise": inverse_noise,
+    "classifier": classifier_cli,
+    "fid": fid_cli,
+}
 # What every bad command of a script starts with; the case's own flags come after (the last
 # one wins). --out is the script's finished run, so that any write to it shows in the hash.
 DEFAULTS = {
@@ -181,8 +276,20 @@ DEFAULTS = {
     "graft": ["--base", "{base}", "--out", "{graft}"] + TINY,
     "pgraft": ["--base", "{base}", "--out", "{pgraft}"] + TINY + LEMMA,
     "inverse_noise": ["--base", "{flow}", "--out", "{inv}"] + INV_TINY,
-    "classifier": ["--task", "mnist", "--data-dir", "{mnist}", "--train-steps", "3", "--batch-size",
-                   "8", "--device", "cpu", "--out", "{clf}/clf.pt"],
+    "classifier": [
+        "--task",
+        "mnist",
+        "--data-dir",
+        "{mnist}",
+        "--train-steps",
+        "3",
+        "--batch-size",
+        "8",
+        "--device",
+        "cpu",
+        "--out",
+        "{clf}/clf.pt",
+    ],
     "fid": [],
 }
 TINY_MNIST = ["--task", "mnist", "--preset", "tiny", "--data-dir"]
@@ -204,12 +311,20 @@ BAD = [
     ("pretrain", "preset-unknown-mnist", TINY_MNIST + ["{mnist}", "--preset", "nope"], "--preset"),
     ("pretrain", "task-unknown", ["--task", "nope"], "--task"),
     ("pretrain", "fid-samples-neg", ["--fid-samples", "-2"], "--fid-samples"),
-    ("pretrain", "resume-other-model", ["--resume", "--model", "flow", "--train-steps", "200"],
-     "--model"),
+    (
+        "pretrain",
+        "resume-other-model",
+        ["--resume", "--model", "flow", "--train-steps", "200"],
+        "--model",
+    ),
     ("pretrain", "mnist-raw-empty", TINY_MNIST + ["{bad}/mnist_empty"], "MNIST"),
     ("pretrain", "mnist-raw-incomplete", TINY_MNIST + ["{bad}/mnist_lone"], "MNIST"),
-    ("pretrain", "celeba-missing", ["--task", "celeba", "--preset", "tiny", "--data-dir",
-                                    "{bad}/pngs"], "CelebA"),
+    (
+        "pretrain",
+        "celeba-missing",
+        ["--task", "celeba", "--preset", "tiny", "--data-dir", "{bad}/pngs"],
+        "CelebA",
+    ),
     # -- graft.py
     ("graft", "train-steps-0", ["--train-steps", "0"], "--train-steps"),
     ("graft", "batch-size-neg", ["--batch-size", "-5"], "--batch-size"),
@@ -277,14 +392,22 @@ BAD = [
     ("classifier", "mnist-raw-empty", ["--data-dir", "{bad}/mnist_empty"], "MNIST"),
     # -- python -m eval.fid
     ("fid", "nan-mu", ["{bad}/a.npz", "{bad}/nan_mu.npz"], "nan_mu.npz"),
-    ("fid", "inf-sigma-save", ["{bad}/inf_sigma.npz", "--save-stats", "{fid}/stats.npz"],
-     "inf_sigma.npz"),
+    (
+        "fid",
+        "inf-sigma-save",
+        ["{bad}/inf_sigma.npz", "--save-stats", "{fid}/stats.npz"],
+        "inf_sigma.npz",
+    ),
     ("fid", "non-image-pngs", ["{bad}/pngs", "{bad}/a.npz", "--device", "cpu"], "0.png"),
     ("fid", "missing-npz", ["{bad}/absent.npz", "{bad}/a.npz"], "absent.npz"),
     ("fid", "one-source", ["{bad}/a.npz"], "--save-stats"),
     ("fid", "save-stats-not-npz", ["{bad}/a.npz", "--save-stats", "{fid}/s.txt"], ".npz"),
-    ("fid", "save-stats-folder", ["{bad}/a.npz", "--save-stats", "{bad}/folder.npz"],
-     "is a folder"),
+    (
+        "fid",
+        "save-stats-folder",
+        ["{bad}/a.npz", "--save-stats", "{bad}/folder.npz"],
+        "is a folder",
+    ),
     ("fid", "batch-size-0", ["{bad}/pngs", "{bad}/a.npz", "--batch-size", "0"], "--batch-size"),
     ("fid", "num-images-neg", ["{bad}/a.npz", "{bad}/b.npz", "--num-images", "-5"], "--num-images"),
     ("fid", "device-tpu", ["{bad}/pngs", "{bad}/a.npz", "--device", "tpu"], "--device"),
@@ -294,8 +417,12 @@ SUBPROCESS = [  # the real exit code of the real command lines
     (["pretrain.py"], "pretrain", ["--lr", "nan"], "--lr"),
     # an unreadable image read by a DataLoader worker: one line, no worker traceback. Run here, not
     # in-process: collecting the failed loader's workers in-process stalls for ~10 s
-    (["pretrain.py"], "pretrain", ["--task", "celeba", "--data-dir", "{celeba}", "--preset", "tiny",
-                                   "--batch-size", "64"], "000003.jpg"),
+    (
+        ["pretrain.py"],
+        "pretrain",
+        ["--task", "celeba", "--data-dir", "{celeba}", "--preset", "tiny", "--batch-size", "64"],
+        "000003.jpg",
+    ),
     (["graft.py"], "graft", ["--base", "{bad}/text.txt"], "text.txt"),
     (["pgraft.py"], "pgraft", ["--n-i", "250"], "--n-i"),
     (["inverse_noise.py"], "inverse_noise", ["--base", "{base}"], "rectified flow"),
@@ -328,8 +455,9 @@ def test_at_least_40_bad_inputs():
 
 
 @pytest.mark.parametrize("script,name,flags,word", params(BAD))
-def test_bad_input_exits_2_in_one_line_and_keeps_runs(runs, script, name, flags, word, capsys,
-                                                      monkeypatch):
+def test_bad_input_exits_2_in_one_line_and_keeps_runs(
+    runs, script, name, flags, word, capsys, monkeypatch
+):
     monkeypatch.chdir(runs.root / "cwd")
     before = tree_hash(runs.root)
     err = exits_2(MODULES[script].main, command(script, flags, runs), capsys)
@@ -340,8 +468,14 @@ def test_bad_input_exits_2_in_one_line_and_keeps_runs(runs, script, name, flags,
 @pytest.mark.parametrize("cmd,script,flags,word", params(SUBPROCESS, cmd=True))
 def test_bad_input_subprocess_exit_code(runs, cmd, script, flags, word):
     before = tree_hash(runs.root)
-    p = subprocess.run([sys.executable, *cmd, *command(script, flags, runs)], cwd=ROOT, env=ENV,
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, *cmd, *command(script, flags, runs)],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     err = p.stderr.strip()
     assert p.returncode == 2, (p.returncode, err)
     assert err.startswith("error:") and "\n" not in err and word in err, err
@@ -359,18 +493,31 @@ def check_kept(folder, ckpt_name, sha, step):
 def tame(real, scale=1e-9, stop_at=None):
     """The LR schedule scaled down, so that a run with a huge --lr saves a good checkpoint first;
     optionally cut short by a KeyboardInterrupt at step ``stop_at``, as a crash would."""
+
     def lr_at(step, total, lr, *a, **k):
         if stop_at is not None and step == stop_at:
             raise KeyboardInterrupt
         return real(step, total, lr * scale, *a, **k)
+
     return lr_at
 
 
 def test_pretrain_divergence_names_step_and_lr_keeps_checkpoint(tmp_path, capsys, monkeypatch):
-    huge = ["--lr", "1e8", "--grad-clip", "0", "--batch-size", "64", "--eval-samples", "100",
-            "--device", "cpu"]
-    err = exits_2(pretrain.main, huge + ["--train-steps", "100", "--out", str(tmp_path / "a")],
-                  capsys)
+    huge = [
+        "--lr",
+        "1e8",
+        "--grad-clip",
+        "0",
+        "--batch-size",
+        "64",
+        "--eval-samples",
+        "100",
+        "--device",
+        "cpu",
+    ]
+    err = exits_2(
+        pretrain.main, huge + ["--train-steps", "100", "--out", str(tmp_path / "a")], capsys
+    )
     assert "step 100" in err and "--lr 1e+08" in err, err
     assert not (tmp_path / "a" / "ckpt.pt").exists()
     assert check_strict_json_files(tmp_path / "a") >= 1
@@ -386,17 +533,23 @@ def test_pretrain_divergence_names_step_and_lr_keeps_checkpoint(tmp_path, capsys
     err = exits_2(pretrain.main, args + ["--resume"], capsys)
     assert "step 200" in err and "--lr 1e+08" in err, err
     check_kept(out, "ckpt.pt", sha, 100)
-    # what the message advises: resume the kept checkpoint with a lower learning rate (--lr may change)
+    # what the message advises: resume the kept checkpoint with a lower learning rate (--lr may
+    # change)
     s = pretrain.main(args + ["--resume", "--lr", "1e-3"])
     assert load_checkpoint(out / "ckpt.pt")["step"] == 300 and s["final_loss"] < 10
 
 
 @pytest.mark.parametrize("script", ["graft", "pgraft"])
-def test_finetune_divergence_names_step_and_lr_keeps_checkpoint(runs, script, tmp_path, capsys,
-                                                                monkeypatch):
+def test_finetune_divergence_names_step_and_lr_keeps_checkpoint(
+    runs, script, tmp_path, capsys, monkeypatch
+):
     mod = {"graft": graft, "pgraft": pgraft}[script]
-    flags = ["--base", runs.base] + TINY + (LEMMA if script == "pgraft" else []) + [
-        "--lr", "1e6", "--grad-clip", "0"]
+    flags = (
+        ["--base", runs.base]
+        + TINY
+        + (LEMMA if script == "pgraft" else [])
+        + ["--lr", "1e6", "--grad-clip", "0"]
+    )
     err = exits_2(mod.main, flags + ["--out", str(tmp_path / "a")], capsys)
     assert "step 20" in err and "--lr 1e+06" in err, err
     assert not (tmp_path / "a" / "ckpt.pt").exists()
@@ -416,8 +569,11 @@ def test_finetune_divergence_names_step_and_lr_keeps_checkpoint(runs, script, tm
 @needs_inv
 def test_inverse_noise_divergence_keeps_corrector_checkpoint(runs, tmp_path, capsys, monkeypatch):
     out = tmp_path / "inv"
-    args = ["--base", runs.flow, "--out", str(out)] + INV_TINY + [
-        "--lr", "1e8", "--grad-clip", "0", "--train-steps", "300", "--ckpt-every", "100"]
+    args = (
+        ["--base", runs.flow, "--out", str(out)]
+        + INV_TINY
+        + ["--lr", "1e8", "--grad-clip", "0", "--train-steps", "300", "--ckpt-every", "100"]
+    )
     real = inverse_noise.lr_at
     monkeypatch.setattr(inverse_noise, "lr_at", tame(real, stop_at=150))
     with pytest.raises(KeyboardInterrupt):
@@ -431,8 +587,21 @@ def test_inverse_noise_divergence_keeps_corrector_checkpoint(runs, tmp_path, cap
 
 # ---------------------------------------------------------------- 3. resume ----
 def test_pretrain_resume_without_checkpoint_starts_fresh(tmp_path, capsys):
-    s = pretrain.main(["--resume", "--train-steps", "5", "--batch-size", "16", "--eval-samples",
-                       "50", "--device", "cpu", "--out", str(tmp_path)])
+    s = pretrain.main(
+        [
+            "--resume",
+            "--train-steps",
+            "5",
+            "--batch-size",
+            "16",
+            "--eval-samples",
+            "50",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert "starting fresh" in capsys.readouterr().out
     assert s["train_steps"] == 5 and load_checkpoint(tmp_path / "ckpt.pt")["step"] == 5
 
@@ -457,12 +626,23 @@ def test_graft_resume_with_damaged_pool_exits_2(runs, tmp_path, damage, capsys):
 
 # ---------------------------------------------------------------- 4. SIGTERM ----
 def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path):
-    args = ["--train-steps", "600", "--batch-size", "64", "--ckpt-every", "0", "--eval-samples",
-            "200", "--device", "cpu"]
+    args = [
+        "--train-steps",
+        "600",
+        "--batch-size",
+        "64",
+        "--ckpt-every",
+        "0",
+        "--eval-samples",
+        "200",
+        "--device",
+        "cpu",
+    ]
     cut = tmp_path / "cut"
     cmd = [sys.executable, "pretrain.py", *args, "--out", str(cut)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.time() + 120
         metrics = cut / "metrics.jsonl"
@@ -483,8 +663,9 @@ def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path):
     assert 100 <= step < 600 and f"at step {step}" in lines[0]
     assert not (cut / "summary.json").exists()
     (cut / "ckpt.pt.tmp.12345").write_bytes(b"debris of a writer killed mid-write")
-    p = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                       timeout=120)
+    p = subprocess.run(
+        cmd + ["--resume"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120
+    )
     assert p.returncode == 0, p.stderr
     assert f"resumed from {cut / 'ckpt.pt'} at step {step}" in p.stdout
     assert not (cut / "ckpt.pt.tmp.12345").exists()

@@ -1,4 +1,5 @@
 """Task loaders on data the tests fabricate, the restricted unpickler, and the clear-error path."""
+
 import gzip
 import os
 import pickle
@@ -17,7 +18,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def fake_mnist(path, n=(20, 6, 6)):
     rng = np.random.default_rng(0)
-    parts = tuple((rng.random((k, 784), dtype=np.float32), rng.integers(0, 10, k).astype(np.int64)) for k in n)
+    parts = tuple(
+        (rng.random((k, 784), dtype=np.float32), rng.integers(0, 10, k).astype(np.int64)) for k in n
+    )
     with gzip.open(path, "wb") as f:
         pickle.dump(parts, f, protocol=2)
     return parts
@@ -25,11 +28,14 @@ def fake_mnist(path, n=(20, 6, 6)):
 
 def fake_celeba(root, n=6, size=(178, 218)):
     from PIL import Image
+
     os.makedirs(root / "img_align_celeba")
     names = [f"{i:06d}.jpg" for i in range(1, n + 1)]
     rng = np.random.default_rng(0)
     for nm in names:
-        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(root / "img_align_celeba" / nm)
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(
+            root / "img_align_celeba" / nm
+        )
     attrs = rng.choice([-1, 1], (n, 40))
     attr_names = [f"Attr_{i}" for i in range(39)] + ["Smiling"]
     with open(root / "list_attr_celeba.txt", "w") as f:
@@ -52,7 +58,9 @@ def test_toy2d_is_exact_and_metrics_are_sane():
     task = get_task("toy2d")
     x, y = task.dataset("train")[0]
     assert x.shape == (2,) and y == -1
-    assert abs(TOY.weights.sum().item() - 1) < 1e-12 and len(set(TOY.weights.tolist())) == 8  # unequal weights
+    assert (
+        abs(TOY.weights.sum().item() - 1) < 1e-12 and len(set(TOY.weights.tolist())) == 8
+    )  # unequal weights
     good = TOY.sample(20000, torch.Generator().manual_seed(5))
     m = task.metrics(good)
     assert m["mode_tv"] < 0.02 and m["sw2"] < 0.06
@@ -62,7 +70,9 @@ def test_toy2d_is_exact_and_metrics_are_sane():
     # log density integrates to ~1 on a grid
     g = torch.linspace(-4, 4, 401)
     xx, yy = torch.meshgrid(g, g, indexing="xy")
-    dens = TOY.log_density(torch.stack([xx.flatten(), yy.flatten()], 1)).exp().sum() * (8 / 400) ** 2
+    dens = (
+        TOY.log_density(torch.stack([xx.flatten(), yy.flatten()], 1)).exp().sum() * (8 / 400) ** 2
+    )
     assert abs(dens.item() - 1) < 1e-3
 
 
@@ -74,13 +84,17 @@ def test_mnist_fake_pickle(tmp_path):
     check_images(x)
     assert x.shape == (1, 32, 32) and x[0, 0, 0] == -1  # padded 28 -> 32 with background
     assert y == parts[1][1][0]
-    assert torch.allclose(x[0, 2:30, 2:30], torch.from_numpy(np.round(parts[1][0][0] * 255) / 127.5 - 1).reshape(28, 28).float())
+    assert torch.allclose(
+        x[0, 2:30, 2:30],
+        torch.from_numpy(np.round(parts[1][0][0] * 255) / 127.5 - 1).reshape(28, 28).float(),
+    )
 
 
 def test_restricted_unpickler_refuses_code(tmp_path):
     class Evil:
         def __reduce__(self):
             return (os.system, ("echo pwned",))
+
     with gzip.open(tmp_path / "mnist.pkl.gz", "wb") as f:
         pickle.dump(Evil(), f)
     with pytest.raises(DataError, match="not a valid mnist.pkl.gz"):
@@ -103,7 +117,11 @@ def test_celeba_fake_tree(tmp_path):
     check_images(x)
     assert x.shape == (3, 64, 64) and torch.equal(a, torch.tensor(attrs[1], dtype=torch.float32))
     assert len(task.dataset("test", data_dir=str(tmp_path / "celeba"))) == 1
-    y = task.sample_conditions(5, torch.Generator().manual_seed(0), dataset=ds) if task.conditional else None
+    y = (
+        task.sample_conditions(5, torch.Generator().manual_seed(0), dataset=ds)
+        if task.conditional
+        else None
+    )
     assert y is None  # CelebA models are unconditional unless asked
 
 
@@ -118,6 +136,7 @@ def test_celeba_errors(tmp_path):
 
 def test_image_folder_recursive(tmp_path):
     from PIL import Image
+
     os.makedirs(tmp_path / "a" / "b")
     Image.new("RGB", (300, 200), (255, 0, 0)).save(tmp_path / "a" / "x.png")
     Image.new("L", (64, 64), 0).save(tmp_path / "a" / "b" / "y.jpg")
@@ -126,7 +145,11 @@ def test_image_folder_recursive(tmp_path):
     assert len(ds) == 2
     x, _ = ds[[f.endswith("x.png") for f in ds.files].index(True)]
     check_images(x)
-    assert x.shape == (3, 32, 32) and torch.allclose(x[0], torch.ones(32, 32)) and torch.allclose(x[1], -torch.ones(32, 32))
+    assert (
+        x.shape == (3, 32, 32)
+        and torch.allclose(x[0], torch.ones(32, 32))
+        and torch.allclose(x[1], -torch.ones(32, 32))
+    )
     os.makedirs(tmp_path / "empty")
     with pytest.raises(DataError, match="no images"):
         get_task("celebahq").dataset("train", data_dir=str(tmp_path / "empty"))
@@ -140,8 +163,21 @@ def test_unknown_task():
 
 
 def test_missing_data_exits_2_with_one_line(tmp_path):
-    r = subprocess.run([sys.executable, "pretrain.py", "--task", "celeba", "--data-dir", str(tmp_path / "nope"),
-                        "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "pretrain.py",
+            "--task",
+            "celeba",
+            "--data-dir",
+            str(tmp_path / "nope"),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "CelebA not found" in lines[0] and str(tmp_path / "nope") in lines[0]
