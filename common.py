@@ -285,8 +285,7 @@ class Dist:
     process as rank 0 of 1. The scripts stay exact under any P: sampling is sharded by whole batches
     whose noise comes from per-batch generators, and gathered in batch order; every rank holds the
     same accepted set; each rank trains on its rows of one global batch (DDP averages the
-    gradients);
-    only rank 0 writes or prints."""
+    gradients); only rank 0 writes or prints."""
 
     def __init__(self, device):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -315,8 +315,7 @@ def main(argv=None):
     @torch.no_grad()
     def draw(net, y, n, seed):
         """n samples X_0 of ``net`` (conditions y) over the sampler's grid. Batch k draws its noise
-        from
-        its own generator (seed, k), so sharding the batches over torchrun's ranks changes
+        from its own generator (seed, k), so sharding the batches over torchrun's ranks changes
         nothing."""
         xs = [torch.zeros((0, *task.shape()), device=device)]
         starts = range(0, n, args.sample_batch)

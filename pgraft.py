@@ -285,11 +285,9 @@ def parse_steps(spec, N, flag, allow_n=False):
 def bridge_loss(net, x_ni, y, n_i, process, gen, rows=None):
     """ALGORITHM (paper, P-GRAFT, training): the bridge loss on kept states X_{N_I}, n ~ U(N_I, N]:
         x_n = a_n X_{N_I} + s_n eps,  a_n = sqrt(abar_n / abar_{N_I}),  s_n = sqrt(1 - abar_n /
-        abar_{N_I}),
-        loss = || (s_n / sqrt(1 - abar_n)) eps_theta(x_n, n) - eps ||^2.
+        abar_{N_I}), loss = || (s_n / sqrt(1 - abar_n)) eps_theta(x_n, n) - eps ||^2.
     Its minimiser is the reference's eps-prediction of the tilted law of X_{N_I}; at N_I = 0 it is
-    the
-    plain eps loss, draw for draw. ``rows``: as in DDPM.loss (torchrun: this rank's rows)."""
+    the plain eps loss, draw for draw. ``rows``: as in DDPM.loss (torchrun: this rank's rows)."""
     N = process.N
     n = torch.randint(n_i + 1, N + 1, (x_ni.shape[0],), generator=gen, device=x_ni.device)
     eps = torch.randn(x_ni.shape, generator=gen, device=x_ni.device, dtype=x_ni.dtype)
@@ -522,8 +520,7 @@ def run(args, n_i, ckpt, task, dist, rule, base, base_eval, lemma):
     @torch.no_grad()
     def draw(net, y, n, seed):
         """n samples X_0 and their states X_{N_I}: two segments N -> N_I -> 0, so X_{N_I} is on the
-        grid.
-        Batch k draws its noise from its own generator (seed, k): sharding over ranks changes
+        grid. Batch k draws its noise from its own generator (seed, k): sharding over ranks changes
         nothing."""
         x0s, nis = (
             [torch.zeros((0, *task.shape()), device=device)],
@@ -866,8 +863,7 @@ def pictures(task, reward, log, x_base, x_final, accepted, rnd, nrow, accept, n_
 
 def sweep_table(top, args, rows, n_is, N, lemma):
     """OUT/sweep.md, sweep.csv, sweep.png and the sweep's summary. Each N_I has its own exact
-    target on
-    toy2d, so both the base's and the fine-tuned model's TV to it are shown."""
+    target on toy2d, so both the base's and the fine-tuned model's TV to it are shown."""
     cols = [
         "n_i",
         "n_i_frac",

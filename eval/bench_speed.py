@@ -12,9 +12,8 @@ Per preset and batch size it reports:
     sampler's own overhead (target <= 1.03 on the CPU: no host syncs, no per-element Python);
   - train_steps_per_s: eager training steps (forward, backward, AdamW, EMA) at --train-batch.
 Writes OUT/bench_speed.json (default runs/bench_speed). Part of issue #12: the CUDA-graph fast path
-of
-the sampler and the training step is not built yet (it needs a GPU session to be measured and made
-exact); the graph replay of the bare forward shows what it can gain.
+of the sampler and the training step is not built yet (it needs a GPU session to be measured and
+made exact); the graph replay of the bare forward shows what it can gain.
 """
 
 import argparse

@@ -384,8 +384,8 @@ class FIDEvaluator:
 
     def _context(self):
         """Around each Inception forward (and only that: a sampler may need autograd):
-        inference_mode,
-        and on CUDA bf16 autocast or strict fp32 (the extractor string records which)."""
+        inference_mode, and on CUDA bf16 autocast or strict fp32 (the extractor string records
+        which)."""
         ctx = contextlib.ExitStack()
         ctx.enter_context(torch.inference_mode())
         ctx.enter_context(torch.autocast("cuda", torch.bfloat16, enabled=self.cuda and self.bf16))

@@ -29,9 +29,8 @@ def conditional_reward_variance(
     sample_batch=4096,
 ):
     """E[Var(r(X_0) | X_t)] at each step t of ``levels``: ``n_states`` trajectories of ``net`` are
-    stopped
-    at t, each X_t is continued ``n_cont`` times t -> 0, and the unbiased variance of the ``n_cont``
-    rewards is averaged over the states. Returns {t: (mean, stderr)}."""
+    stopped at t, each X_t is continued ``n_cont`` times t -> 0, and the unbiased variance of the
+    ``n_cont`` rewards is averaged over the states. Returns {t: (mean, stderr)}."""
     from rewards import score
 
     clip = task.kind == "image"

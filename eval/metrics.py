@@ -1,7 +1,6 @@
 """Task metrics that need no network (they live in tasks.py, which must not import eval/;
-re-exported
-here) and the evaluation of a fine-tuned model's samples that GRAFT, P-GRAFT and the benchmarks
-share."""
+re-exported here) and the evaluation of a fine-tuned model's samples that GRAFT, P-GRAFT and the
+benchmarks share."""
 
 import torch
 

@@ -6,11 +6,10 @@
 Class-conditional MNIST; reward r = log p(requested digit | image) from the project's classifier
 (rewards/classifier.py, trained first if runs/rewards/mnist-classifier.pt is missing). The base is
 the task's default reference (runs/pretrain/mnist-ddpm, the deliberately small "mnist" UNet,
-pretrained
-first if absent); --quick pretrains a "tiny" UNet briefly instead. GRAFT and every P-GRAFT run use
-the
-same conditions, M, K, rounds and seeds, so they generate exactly the same number of samples.
-Writes OUT/results.md and results.json (default OUT: runs/mnist_experiment, or ..._quick).
+pretrained first if absent); --quick pretrains a "tiny" UNet briefly instead. GRAFT and every
+P-GRAFT run use the same conditions, M, K, rounds and seeds, so they generate exactly the same
+number of samples. Writes OUT/results.md and results.json (default OUT: runs/mnist_experiment, or
+..._quick).
 """
 
 import json

@@ -33,8 +33,7 @@ class RectifiedFlow:
     @torch.no_grad()
     def sample(self, model, z, n_steps, y=None, method="euler", return_traj=False, progress=None):
         """Algorithm 5 (Euler) or Heun from noise z at t=0 to data at t=1. NFE: N (Euler), 2N
-        (Heun: two evaluations
-        per step, the last one at t = 1 included)."""
+        (Heun: two evaluations per step, the last one at t = 1 included)."""
         h = 1.0 / n_steps
         x, traj = z, [z]
         ks = range(n_steps)

@@ -24,8 +24,8 @@ class EMA:
 
     The decay warms up as min(decay, (1 + s) / (10 + s)) after s updates: an EMA that starts at the
     initial weights with a fixed decay d still holds d^S of them after S steps (0.995^200 = 37%),
-    which
-    would make a short fine-tune look like its reference. ``warmup=False`` gives the fixed decay."""
+    which would make a short fine-tune look like its reference. ``warmup=False`` gives the fixed
+    decay."""
 
     WARMUP = "min(decay, (1 + s) / (10 + s))"
 

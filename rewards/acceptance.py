@@ -97,10 +97,8 @@ class AcceptRule:
 
     def reshaped(self, r, groups=None):
         """(a, r_hat): a = P(accept | x) with the round's empirical CDF, r_hat = alpha log a
-        (floored at
-        alpha log 1e-12 where a = 0, e.g. below a threshold). Paper, GRAFT: r_hat is the reward
-        whose
-        KL-regularised optimum the accepted samples follow."""
+        (floored at alpha log 1e-12 where a = 0, e.g. below a threshold). Paper, GRAFT: r_hat is
+        the reward whose KL-regularised optimum the accepted samples follow."""
         a = self.prob(r, empirical_cdf(r, groups), r.max())
         return a, self.alpha * torch.log(a.clamp(min=1e-12))
 

@@ -2,23 +2,20 @@
 
 r(x) = <x, u> with u the unit vector at angle DEG (default 247.5: between modes 5 and 6, weights
 6/36 and 7/36; top-2 of 8 moves their weights from 0.36 to 0.91, a total variation of 0.55, and
-leaves
-some on modes 4 and 7). The default points at modes that a DDPM learns well: the tilt multiplies the
-base model's own mode errors by up to M/K, and a direction towards the light modes (e.g. linear:0,
-mode 0 of weight 1/36) measures mostly those. Under the true mixture r is a mixture of 1-D normals,
-so
-its CDF F is exact, and so is the law that an acceptance rule targets:
+leaves some on modes 4 and 7). The default points at modes that a DDPM learns well: the tilt
+multiplies the base model's own mode errors by up to M/K, and a direction towards the light modes
+(e.g. linear:0, mode 0 of weight 1/36) measures mostly those. Under the true mixture r is a mixture
+of 1-D normals, so its CDF F is exact, and so is the law that an acceptance rule targets:
 
   GRAFT   (paper, GRAFT): accepted x ~ p(x) a(x) / Z, a(x) = P(accept | x), a function of r(x) and
-  F(r(x)).
-  P-GRAFT (paper, P-GRAFT): the kept states X_{N_I} ~ p_{N_I}(x) h(x) / Z with
+  F(r(x)). P-GRAFT (paper, P-GRAFT): the kept states X_{N_I} ~ p_{N_I}(x) h(x) / Z with
           h(x) = E[a(X_0) | X_{N_I} = x]; the output continues with the reference from there.
 
 For the Gaussian mixture both are integrals of Gaussians: per mode j, X_{N_I} ~ N(sqrt(ab) c_j, v I)
 with v = ab s^2 + 1 - ab (ab = abar_{N_I}; ab = 1 is GRAFT), the posterior over modes is closed form
 and X_0 | X_{N_I}, mode k is N(m_k, tau^2 I). ``tilted_mode_weights`` integrates them by
-Gauss-Hermite
-quadrature (deterministic) and returns the mode weights the fine-tuned model should have.
+Gauss-Hermite quadrature (deterministic) and returns the mode weights the fine-tuned model should
+have.
 """
 
 import math
@@ -94,9 +91,9 @@ def tilted_mode_weights(
     accept_prob(r, F) -> P(accept | reward r, CDF value F) for float64 tensors
     (graft.AcceptRule.prob).
     compound=False: every round samples from the reference, so the target is p a(F_ref) (any
-    rounds).
-    compound=True: round t samples from round t-1's target, so the tilts multiply over ``rounds``
-    rounds, each with the CDF of the law it sampled from. Returns (8,) float64 summing to 1."""
+    rounds). compound=True: round t samples from round t-1's target, so the tilts multiply over
+    ``rounds`` rounds, each with the CDF of the law it sampled from. Returns (8,) float64 summing
+    to 1."""
     s2 = TOY.std**2
     c, w, u = TOY.centers, TOY.weights, reward.u
     v = abar * s2 + 1 - abar  # variance of X_{N_I} within a mode

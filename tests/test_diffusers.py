@@ -1,8 +1,7 @@
 """--base diffusers:DIR: a tiny UNet2DModel saved with save_pretrained, loaded as the frozen
-reference; its eps
-equals the diffusers model's, our DDPM sampler equals diffusers' DDPMScheduler loop from the same
-noise, and one
-GRAFT and one P-GRAFT round run on it. Offline: everything is built here."""
+reference; its eps equals the diffusers model's, our DDPM sampler equals diffusers' DDPMScheduler
+loop from the same noise, and one GRAFT and one P-GRAFT round run on it. Offline: everything is
+built here."""
 
 import json
 import os

@@ -43,9 +43,9 @@ def test_counting_restores_train_mode_and_takes_conditions():
 
 def test_paper_256_presets_on_meta_device():
     """The paper (Table 5) implies 1.374e12 / 200 steps ~ 6.9e9 FLOPs per base evaluation; we
-    report what
-    flop_counter measures for our base256 preset (about 2.8e11: it counts 2 x MACs of every conv at
-    256x256, see README) and check the order of magnitude and the corrector/base ratio."""
+    report what flop_counter measures for our base256 preset (about 2.8e11: it counts 2 x MACs of
+    every conv at 256x256, see README) and check the order of magnitude and the corrector/base
+    ratio."""
     with torch.device("meta"):
         base = unet_from_preset("base256", 256, 3)
         corr = unet_from_preset("corrector256", 256, 3)

@@ -148,8 +148,7 @@ def test_accepted_law_is_tilted_reference():
 @pytest.mark.parametrize("alpha", [1.0, 0.5, 2.0])
 def test_rejection_sampling_law_and_other_rules(alpha):
     """rs accepts w.p. exp((r - r_max)/alpha): N(0,1) exp(x/alpha) is N(1/alpha, 1). alpha != 1
-    separates r/alpha
-    from the wrong alpha*r (which would give N(alpha, 1))."""
+    separates r/alpha from the wrong alpha*r (which would give N(alpha, 1))."""
     g = torch.Generator().manual_seed(3)
     x = torch.randn(400_000, 8, generator=g, dtype=torch.float64)
     acc = x[AcceptRule("rs", 8, alpha=alpha).select(x, g)]
@@ -287,8 +286,8 @@ def test_rules_and_samplers_run(base, tmp_path, extra):
 
 def test_pretrains_base_when_absent(base, tmp_path, monkeypatch, capsys):
     """No --base and no default checkpoint: pretrain.py first prints its plan and cost (--dry-run),
-    then runs, as
-    its own process (scripts never import each other); the second graft run finds the base."""
+    then runs, as its own process (scripts never import each other); the second graft run finds the
+    base."""
     calls = []
 
     def fake_run_script(name, argv):
@@ -496,9 +495,8 @@ def test_graft_reports_fid_on_image_tasks(tmp_path, monkeypatch):
 
 def test_base_and_finetuned_models_are_evaluated_at_one_precision(base, tmp_path, monkeypatch):
     """--bf16 wraps every network that samples (reference and fine-tuned EMA) the same way, so
-    "reward base ->
-    final" compares one precision. On the CPU the wrapper is the identity; record what went through
-    it."""
+    "reward base -> final" compares one precision. On the CPU the wrapper is the identity; record
+    what went through it."""
     wrapped = []
     real = common.wrap_net
 

@@ -1,6 +1,5 @@
 """The project's layout rules, asserted: imports go one way (models <- tasks <- rewards, eval <-
-common <- scripts
-<- experiment drivers) and no script imports another script."""
+common <- scripts <- experiment drivers) and no script imports another script."""
 
 import ast
 import os
@@ -30,8 +29,7 @@ def layer_of(rel):
 
 def imports_of(path):
     """Top-level names of every import in the file, function-level ones included; relative imports
-    count as
-    the file's own package."""
+    count as the file's own package."""
     tree = ast.parse(open(path).read(), path)
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):

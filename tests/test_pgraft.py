@@ -38,11 +38,9 @@ def test_bridge_loss_at_n_i_zero_is_the_plain_loss():
 @pytest.mark.parametrize("v0", [0.05, 4.0])
 def test_bridge_loss_minimiser_is_the_exact_eps_prediction(v0):
     """Data N(0, v0 I), v0 far from 1: the exact eps-prediction is sqrt(1-ab) x / (ab v0 + 1 - ab).
-    Scaled by c, the
-    bridge loss on forward states X_{N_I} (quadratic in c, common random numbers) is minimised at c
-    = 1 within 0.005,
-    the x0 loss on X_0 too; the naive loss (plain eps loss on X_{N_I} with full-chain coefficients)
-    is not."""
+    Scaled by c, the bridge loss on forward states X_{N_I} (quadratic in c, common random numbers)
+    is minimised at c = 1 within 0.005, the x0 loss on X_0 too; the naive loss (plain eps loss on
+    X_{N_I} with full-chain coefficients) is not."""
     N, n_i = 200, 60
     proc = DDPM(N)
     g = torch.Generator().manual_seed(0)
@@ -74,8 +72,7 @@ def test_bridge_loss_minimiser_is_the_exact_eps_prediction(v0):
 
 def test_stitched_sampler_switches_networks_at_n_i(base):
     """Two different networks: the stitched run equals net A for N -> N_I then net B for N_I -> 0,
-    and differs
-    from a switch one step early or late (an off-by-one at N_I shows)."""
+    and differs from a switch one step early or late (an off-by-one at N_I shows)."""
     from common import load_base
 
     ref, proc, _ = load_base(base, "cpu")
@@ -131,8 +128,8 @@ def test_lemma_4_3_diagnostic_is_nondecreasing_in_noise(base):
 # ----
 def test_pgraft_at_n_i_zero_reproduces_graft_exactly(base, tmp_path):
     """The round loop is copied in pgraft.py on purpose; at N_I = 0 (default flags otherwise) it
-    must give graft.py's
-    accepted set, fine-tuned weights, EMA and summary exactly, over two rounds."""
+    must give graft.py's accepted set, fine-tuned weights, EMA and summary exactly, over two
+    rounds."""
     import graft
 
     args = ["--base", base] + TINY + ["--rounds", "2"]

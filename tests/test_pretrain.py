@@ -41,8 +41,8 @@ def test_toy2d_default_pretrain_reaches_mode_tv(tmp_path, model):
 
 def test_resume_continues_exactly(tmp_path, monkeypatch):
     """A run killed after its step-150 checkpoint (off the 100-step logging boundary) and resumed
-    gives the same
-    weights, EMA, optimiser state, metrics.jsonl rows and final loss as the uninterrupted run."""
+    gives the same weights, EMA, optimiser state, metrics.jsonl rows and final loss as the
+    uninterrupted run."""
     args = [
         "--train-steps",
         "300",
@@ -89,8 +89,7 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
 
 def test_ema_warms_up_and_is_recorded(tmp_path):
     """With decay 0.999 and 300 steps a fixed-decay EMA would still be 74% the random
-    initialisation; the warm-up
-    min(d, (1+s)/(10+s)) makes it track the trained weights."""
+    initialisation; the warm-up min(d, (1+s)/(10+s)) makes it track the trained weights."""
     from models import EMA
 
     net = torch.nn.Linear(3, 3)

@@ -1,8 +1,7 @@
 """Every script under torchrun (gloo, 2 processes on the CPU) equals one process: the same accepted
-set, the
-same inverted noise, weights to float tolerance after the same global batches; a run resumes with
-any P.
-The peers broke here (gradients synced wrongly, hangs), so this runs the real launcher."""
+set, the same inverted noise, weights to float tolerance after the same global batches; a run
+resumes with any P. The peers broke here (gradients synced wrongly, hangs), so this runs the real
+launcher."""
 
 import json
 import os
@@ -114,8 +113,7 @@ def test_graft_and_pgraft_two_processes_equal_one(bases, tmp_path):
 
 def test_no_hang_when_almost_nothing_is_accepted(bases, tmp_path):
     """A threshold that keeps a handful of samples, all drawn by one rank: every rank holds the
-    gathered set,
-    so both train on the same few samples and finish."""
+    gathered set, so both train on the same few samples and finish."""
     args = [
         "--base",
         str(bases / "ddpm" / "ckpt.pt"),
@@ -217,9 +215,8 @@ def test_batch_that_does_not_split_is_refused(bases, tmp_path):
 
 def test_ddpo_two_processes_equal_one(bases, tmp_path):
     """DDPO's chains are sharded and gathered like GRAFT's samples; each PPO minibatch is split
-    over the ranks
-    and weighted so that DDP's average gradient is the whole minibatch's (a 9-row minibatch splits
-    5 + 4)."""
+    over the ranks and weighted so that DDP's average gradient is the whole minibatch's (a 9-row
+    minibatch splits 5 + 4)."""
     args = [
         "--base",
         str(bases / "ddpm" / "ckpt.pt"),
