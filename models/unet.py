@@ -7,6 +7,7 @@ Conditions come in two forms, both with a null value so classifier-free guidance
   - attribute vectors: float (B, cond_dim) in {-1, 0, +1}; 0 means "unspecified", so the all-zero
     vector is the null condition (CelebA's 40 binary attributes).
 """
+
 import math
 
 import torch
@@ -14,28 +15,48 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # Named sizes. Parameter counts (printed by `python -m models.unet`) are asserted in tests.
+# fmt: off
 PRESETS = {
     # < 1M parameters, for tests.
     "tiny": dict(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_res=(8,), dropout=0.0),
+    # 16x16 digits and 16x32 digit pairs on a CPU: three levels, no attention but the middle one
+    # (attention dominates the CPU time at these sizes). Any H x W divisible by 4 works: the
+    # network is convolutional and image_size (the height) only places attention.
+    "small16": dict(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_res=(), dropout=0.0,
+                    norm_group_channels=8),
     # MNIST 32x32: deliberately small so the base model is imperfect and rewards have room.
     "mnist": dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_res=(8,), dropout=0.1),
     # CelebA 64x64.
     "celeba64": dict(ch=64, ch_mult=(1, 2, 2, 4), num_res_blocks=2, attn_res=(16, 8), dropout=0.1),
     # 256x256, the paper's base flow size (~65M) and corrector size (~16M), section 4 / Table 5.
-    "base256": dict(ch=96, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attn_res=(16,), dropout=0.0),
-    "corrector256": dict(ch=48, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attn_res=(16,), dropout=0.0),
+    "base256": dict(ch=96, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attn_res=(16,),
+                    dropout=0.0),
+    "corrector256": dict(ch=48, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attn_res=(16,),
+                         dropout=0.0),
 }
+# fmt: on
 
 
 def timestep_embedding(t, dim, scale=1000.0):
     """Sinusoidal embedding of t in [0, 1] (scaled so that 1/N steps are distinguishable)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    freqs = torch.exp(
+        -math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half
+    )
     args = (t.float() * scale)[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
 
 
-def norm(c):
+def norm(c, group_channels=0):
+    """GroupNorm of c channels: gcd(32, c) groups (the presets' original choice) or, with
+    ``group_channels`` k > 0, c / k groups of k channels.
+
+    Why k matters: a ResBlock adds its time/condition embedding as a per-channel bias just before
+    norm2, and a group of ONE channel subtracts that bias again. gcd(32, c) gives one channel per
+    group for c <= 32, so such blocks cannot see t or the label (tests/test_benchmark.py
+    measures it); k = 8 keeps 7/8 of the bias."""
+    if group_channels:
+        return nn.GroupNorm(c // group_channels, c)
     return nn.GroupNorm(math.gcd(32, c), c)
 
 
@@ -75,12 +96,12 @@ def drop_conditions(y, p, generator):
 
 
 class ResBlock(nn.Module):
-    def __init__(self, cin, cout, temb, dropout):
+    def __init__(self, cin, cout, temb, dropout, group_channels=0):
         super().__init__()
-        self.norm1 = norm(cin)
+        self.norm1 = norm(cin, group_channels)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
         self.temb = nn.Linear(temb, cout)
-        self.norm2 = norm(cout)
+        self.norm2 = norm(cout, group_channels)
         self.drop = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         nn.init.zeros_(self.conv2.weight)  # each block starts as the identity
@@ -95,10 +116,10 @@ class ResBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, c, heads=4):
+    def __init__(self, c, heads=4, group_channels=0):
         super().__init__()
         self.heads = heads if c % heads == 0 else 1
-        self.norm = norm(c)
+        self.norm = norm(c, group_channels)
         self.qkv = nn.Conv2d(c, 3 * c, 1)
         self.out = nn.Conv2d(c, c, 1)
         nn.init.zeros_(self.out.weight)
@@ -107,17 +128,42 @@ class Attention(nn.Module):
     def forward(self, x):
         b, c, h, w = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).unbind(1)
-        o = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        o = F.scaled_dot_product_attention(
+            q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2)
+        )
         return x + self.out(o.transpose(-1, -2).reshape(b, c, h, w))
 
 
 class UNet(nn.Module):
-    def __init__(self, image_size=32, in_ch=3, ch=64, ch_mult=(1, 2, 2), num_res_blocks=2,
-                 attn_res=(16,), dropout=0.1, num_classes=0, cond_dim=0):
+    def __init__(
+        self,
+        image_size=32,
+        in_ch=3,
+        ch=64,
+        ch_mult=(1, 2, 2),
+        num_res_blocks=2,
+        attn_res=(16,),
+        dropout=0.1,
+        num_classes=0,
+        cond_dim=0,
+        norm_group_channels=0,
+    ):
         super().__init__()
-        self.config = dict(kind="unet", image_size=image_size, in_ch=in_ch, ch=ch, ch_mult=tuple(ch_mult),
-                           num_res_blocks=num_res_blocks, attn_res=tuple(attn_res), dropout=dropout,
-                           num_classes=num_classes, cond_dim=cond_dim)
+        self.config = dict(
+            kind="unet",
+            image_size=image_size,
+            in_ch=in_ch,
+            ch=ch,
+            ch_mult=tuple(ch_mult),
+            num_res_blocks=num_res_blocks,
+            attn_res=tuple(attn_res),
+            dropout=dropout,
+            num_classes=num_classes,
+            cond_dim=cond_dim,
+        )
+        gc = norm_group_channels  # 0: the original gcd(32, c) groups (see norm)
+        if gc:  # recorded only when set, so the original presets' configs are unchanged
+            self.config["norm_group_channels"] = gc
         temb = ch * 4
         self.ch = ch
         self.time_mlp = nn.Sequential(nn.Linear(ch, temb), nn.SiLU(), nn.Linear(temb, temb))
@@ -127,30 +173,39 @@ class UNet(nn.Module):
         chans, c, res = [ch], ch, image_size
         for i, m in enumerate(ch_mult):
             for _ in range(num_res_blocks):
-                blk = nn.ModuleList([ResBlock(c, ch * m, temb, dropout)])
+                blk = nn.ModuleList([ResBlock(c, ch * m, temb, dropout, gc)])
                 c = ch * m
                 if res in attn_res:
-                    blk.append(Attention(c))
+                    blk.append(Attention(c, group_channels=gc))
                 self.down.append(blk)
                 chans.append(c)
             if i < len(ch_mult) - 1:
                 self.down.append(nn.ModuleList([nn.Conv2d(c, c, 3, stride=2, padding=1)]))
                 chans.append(c)
                 res //= 2
-        self.mid = nn.ModuleList([ResBlock(c, c, temb, dropout), Attention(c), ResBlock(c, c, temb, dropout)])
+        self.mid = nn.ModuleList(
+            [
+                ResBlock(c, c, temb, dropout, gc),
+                Attention(c, group_channels=gc),
+                ResBlock(c, c, temb, dropout, gc),
+            ]
+        )
         self.up = nn.ModuleList()
         for i, m in reversed(list(enumerate(ch_mult))):
             for _ in range(num_res_blocks + 1):
-                blk = nn.ModuleList([ResBlock(c + chans.pop(), ch * m, temb, dropout)])
+                blk = nn.ModuleList([ResBlock(c + chans.pop(), ch * m, temb, dropout, gc)])
                 c = ch * m
                 if res in attn_res:
-                    blk.append(Attention(c))
+                    blk.append(Attention(c, group_channels=gc))
                 self.up.append(blk)
             if i > 0:
-                self.up.append(nn.ModuleList([nn.Upsample(scale_factor=2, mode="nearest"),
-                                              nn.Conv2d(c, c, 3, padding=1)]))
+                self.up.append(
+                    nn.ModuleList(
+                        [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, padding=1)]
+                    )
+                )
                 res *= 2
-        self.out = nn.Sequential(norm(c), nn.SiLU(), nn.Conv2d(c, in_ch, 3, padding=1))
+        self.out = nn.Sequential(norm(c, gc), nn.SiLU(), nn.Conv2d(c, in_ch, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
@@ -177,14 +232,29 @@ class TimeMLP(nn.Module):
 
     def __init__(self, dim=2, hidden=256, depth=3, num_classes=0, cond_dim=0):
         super().__init__()
-        self.config = dict(kind="mlp", dim=dim, hidden=hidden, depth=depth, num_classes=num_classes,
-                           cond_dim=cond_dim)
+        self.config = dict(
+            kind="mlp",
+            dim=dim,
+            hidden=hidden,
+            depth=depth,
+            num_classes=num_classes,
+            cond_dim=cond_dim,
+        )
         self.hidden = hidden
         self.t_mlp = nn.Sequential(nn.Linear(64, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         self.cond = CondEmbedding(hidden, num_classes, cond_dim)
         self.inp = nn.Linear(dim, hidden)
-        self.blocks = nn.ModuleList([nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.SiLU(),
-                                                   nn.Linear(hidden, hidden)) for _ in range(depth)])
+        self.blocks = nn.ModuleList(
+            [
+                nn.Sequential(
+                    nn.LayerNorm(hidden),
+                    nn.Linear(hidden, hidden),
+                    nn.SiLU(),
+                    nn.Linear(hidden, hidden),
+                )
+                for _ in range(depth)
+            ]
+        )
         self.out = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, dim))
 
     def forward(self, x, t, y=None):
@@ -205,6 +275,7 @@ def build_model(config):
         return TimeMLP(**cfg)
     if kind == "diffusers":  # optional dependency, imported only for such checkpoints
         from .diffusers_unet import from_config
+
         return from_config(config)
     raise ValueError(f"unknown model kind {kind!r}")
 
@@ -212,7 +283,13 @@ def build_model(config):
 def unet_from_preset(preset, image_size, in_ch, num_classes=0, cond_dim=0):
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-    return UNet(image_size=image_size, in_ch=in_ch, num_classes=num_classes, cond_dim=cond_dim, **PRESETS[preset])
+    return UNet(
+        image_size=image_size,
+        in_ch=in_ch,
+        num_classes=num_classes,
+        cond_dim=cond_dim,
+        **PRESETS[preset],
+    )
 
 
 def count_params(model):
@@ -220,6 +297,16 @@ def count_params(model):
 
 
 if __name__ == "__main__":
-    sizes = {"tiny": (32, 1), "mnist": (32, 1), "celeba64": (64, 3), "base256": (256, 3), "corrector256": (256, 3)}
+    sizes = {
+        "tiny": (32, 1),
+        "small16": (16, 1),
+        "mnist": (32, 1),
+        "celeba64": (64, 3),
+        "base256": (256, 3),
+        "corrector256": (256, 3),
+    }
     for name, (res, c) in sizes.items():
-        print(f"{name:14s} {res}x{res}x{c}  {count_params(unet_from_preset(name, res, c)) / 1e6:8.2f}M parameters")
+        print(
+            f"{name:14s} {res}x{res}x{c}  "
+            f"{count_params(unet_from_preset(name, res, c)) / 1e6:8.2f}M parameters"
+        )
