@@ -14,18 +14,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Named sizes. Parameter counts (printed by `python -m models.unet`) are asserted in tests.
+# Named sizes. Parameter counts (printed by `python -m models.unet`) are asserted in tests. The
+# small presets norm groups of 8 channels: with gcd(32, c) groups a block of <= 32 channels has one
+# channel per group and its GroupNorm erases the time/label embedding (see ``norm``).
 # fmt: off
 PRESETS = {
     # < 1M parameters, for tests.
-    "tiny": dict(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_res=(8,), dropout=0.0),
+    "tiny": dict(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_res=(8,), dropout=0.0,
+                 norm_group_channels=8),
     # 16x16 digits and 16x32 digit pairs on a CPU: three levels, no attention but the middle one
     # (attention dominates the CPU time at these sizes). Any H x W divisible by 4 works: the
     # network is convolutional and image_size (the height) only places attention.
     "small16": dict(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_res=(), dropout=0.0,
                     norm_group_channels=8),
     # MNIST 32x32: deliberately small so the base model is imperfect and rewards have room.
-    "mnist": dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_res=(8,), dropout=0.1),
+    "mnist": dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_res=(8,), dropout=0.1,
+                  norm_group_channels=8),
     # CelebA 64x64.
     "celeba64": dict(ch=64, ch_mult=(1, 2, 2, 4), num_res_blocks=2, attn_res=(16, 8), dropout=0.1),
     # 256x256, the paper's base flow size (~65M) and corrector size (~16M), section 4 / Table 5.

@@ -52,17 +52,22 @@ def test_new_tasks_data_are_deterministic_and_offline(tmp_path):
     assert get_task("mnist-pairs").dataset("val", data).tensors[0].shape[-2:] == (32, 64)
 
 
-def test_small16_sees_time_and_label_where_one_channel_groups_do_not():
+def test_small_presets_see_time_and_label_where_one_channel_groups_do_not():
     """A ResBlock adds the time + label embedding as a per-channel bias right before a GroupNorm;
-    with one channel per group (gcd(32, c) for c <= 32: the tiny preset) the norm removes it, so
-    the network is blind to t and y. small16 uses groups of 8 channels and sees both."""
-    from models import unet_from_preset
+    with one channel per group (gcd(32, c) for c <= 32: what the tiny preset had) the norm removes
+    it, so the network is blind to t and y. The small presets use groups of 8 channels."""
+    from models import PRESETS, unet_from_preset
 
     torch.manual_seed(0)
     x, y1, y2 = torch.randn(3, 1, 16, 16), torch.tensor([0, 1, 2]), torch.tensor([7, 8, 9])
     t1, t2 = torch.full((3,), 0.1), torch.full((3,), 0.9)
-    for preset, blind in (("tiny", True), ("small16", False)):
-        net = unet_from_preset(preset, 16, 1, num_classes=10)
+    PRESETS["tiny-gcd"] = {k: v for k, v in PRESETS["tiny"].items() if k != "norm_group_channels"}
+    try:
+        cases = [("tiny-gcd", True), ("tiny", False), ("small16", False), ("mnist", False)]
+        nets = [(p, blind, unet_from_preset(p, 16, 1, num_classes=10)) for p, blind in cases]
+    finally:
+        del PRESETS["tiny-gcd"]
+    for preset, blind, net in nets:
         with torch.no_grad():
             for m in net.modules():
                 if isinstance(m, torch.nn.Conv2d):  # undo the zero inits: blocks are not identities
