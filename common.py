@@ -27,7 +27,7 @@ from models import (
     unet_from_preset,
 )
 from models.checkpoint import set_rng_state
-from tasks import DataError, UsageError
+from tasks import DataError, UsageError, progress  # progress: re-exported for the scripts
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 __all__ = ["DataError", "UsageError", "CheckpointError"]
@@ -706,37 +706,6 @@ def n_params(model):
 
 
 # ---------------------------------------------------------------- sampling and pictures ----
-PROGRESS_EVERY_S = 30  # without a terminal, a long loop prints one progress line this often
-
-
-def progress(iterable, desc, total=None, every_s=None):
-    """tqdm when stderr is a terminal; otherwise a plain line on stderr every ``every_s`` seconds
-    (PROGRESS_EVERY_S), so logs of batch jobs show a long loop moving."""
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-
-        return tqdm(iterable, desc=desc, total=total, mininterval=2)
-    return _lines(
-        iterable, desc, total if total is not None else _len(iterable), every_s or PROGRESS_EVERY_S
-    )
-
-
-def _len(iterable):
-    try:
-        return len(iterable)
-    except TypeError:
-        return None
-
-
-def _lines(iterable, desc, total, every_s):
-    t0 = last = time.time()
-    for i, item in enumerate(iterable):
-        now = time.time()
-        if now - last >= every_s:
-            last = now
-            done = f"{i}/{total}" if total else str(i)
-            print(f"{desc}: {done} ({now - t0:.0f} s)", file=sys.stderr, flush=True)
-        yield item
 
 
 def generate(

@@ -15,6 +15,8 @@ import io
 import math
 import os
 import pickle
+import sys
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -486,3 +488,37 @@ class Batches:
                 msg if isinstance(e, DataError) else f"reading the training data failed: {msg}"
             ) from None
         return tuple(t.to(self.device, non_blocking=True) for t in batch)
+
+
+# ---------------------------------------------------------------- progress ----
+PROGRESS_EVERY_S = 30  # without a terminal, a long loop prints one progress line this often
+
+
+def progress(iterable, desc, total=None, every_s=None):
+    """tqdm when stderr is a terminal; otherwise a plain line on stderr every ``every_s`` seconds
+    (PROGRESS_EVERY_S), so logs of batch jobs show a long loop moving."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        return tqdm(iterable, desc=desc, total=total, mininterval=2)
+    return _lines(
+        iterable, desc, total if total is not None else _len(iterable), every_s or PROGRESS_EVERY_S
+    )
+
+
+def _len(iterable):
+    try:
+        return len(iterable)
+    except TypeError:
+        return None
+
+
+def _lines(iterable, desc, total, every_s):
+    t0 = last = time.time()
+    for i, item in enumerate(iterable):
+        now = time.time()
+        if now - last >= every_s:
+            last = now
+            done = f"{i}/{total}" if total else str(i)
+            print(f"{desc}: {done} ({now - t0:.0f} s)", file=sys.stderr, flush=True)
+        yield item

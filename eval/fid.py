@@ -409,9 +409,11 @@ class FIDEvaluator:
         """Yield (B, 2048) float32 feature batches on the device; no host sync inside the loop."""
         batches, total = self._batches(source, num_images, generator)
         model = self.model
-        show = (
-            self.progress and sys.stderr.isatty()
-        )  # a bar in a log file (or before an error line) is noise
+        show = self.progress and sys.stderr.isatty()  # a terminal: a bar; a log: a line every 30 s
+        if self.progress and not show:
+            from tasks import progress
+
+            batches = progress(batches, "FID feature batches")
         with tqdm(
             total=total, unit="img", desc="FID features", disable=not show, leave=False
         ) as bar:

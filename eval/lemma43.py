@@ -40,7 +40,9 @@ def conditional_reward_variance(
         process.N,
         {},
     )
-    for t in sorted(set(levels), reverse=True):
+    from tasks import progress
+
+    for t in progress(sorted(set(levels), reverse=True), "Lemma 4.3 levels"):
         if t < cur:
             x, _ = process.sample(net, x, cur, t, y, generator, eta, sample_steps, clip=clip)
             cur = t

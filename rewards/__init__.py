@@ -155,9 +155,11 @@ def _after_colon(name, cast, what):
 def score(reward, x, y=None, batch_size=1000):
     """The reward of every sample, in batches of ``batch_size``; a non-finite value stops
     the run."""
+    from tasks import progress
+
     out = [
         reward(x[i : i + batch_size], y[i : i + batch_size] if y is not None else None)
-        for i in range(0, len(x), batch_size)
+        for i in progress(range(0, len(x), batch_size), f"reward {reward.name}")
     ]
     return check_finite(torch.cat(out), reward.name)
 
