@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import torch
 
 from models import (
@@ -744,6 +745,69 @@ def generate(
             x = process.sample(model, z, num_steps or task.flow_steps, y=yb, method=flow_method)
         out.append(x.clamp(-1, 1).cpu() if task.kind == "image" else x.cpu())
     return torch.cat(out)
+
+
+def evaluation_summary(base_eval, last, task, fid_samples, target=None):
+    """The evaluation fields every fine-tuning script's summary carries, at the base and at the end:
+    reward, classifier accuracy, toy2d's mode weights (and the TV to an exact tilted ``target``),
+    FID on image tasks."""
+    s = dict(reward_base=base_eval["reward_mean"], reward_final=last["reward_mean"])
+    for k in ("accuracy", "all_correct"):
+        if k in base_eval:
+            s[f"{k}_base"], s[f"{k}_final"] = base_eval[k], last.get(k)
+    if task.name == "toy2d":
+        if target is not None:
+            s.update(
+                tilt_tv=last.get("tilt_tv"),
+                tilt_tv_base=base_eval.get("tilt_tv"),
+                tilt_target=[round(v, 4) for v in target.tolist()],
+            )
+        s.update(mode_hist_base=base_eval["mode_hist"], mode_hist_final=last["mode_hist"])
+    if task.kind == "image":
+        s.update(fid_base=base_eval.get("fid"), fid_final=last.get("fid"), fid_samples=fid_samples)
+    return s
+
+
+DONE_KEYS = (
+    "reward_base",
+    "reward_final",
+    "tilt_tv",
+    "fid_base",
+    "fid_final",
+    "accuracy_base",
+    "accuracy_final",
+    "samples_generated",
+    "wall_time_s",
+)
+
+
+def print_done(summary, out):
+    """The closing line: the headline numbers of a summary and where it was written."""
+    shown = ", ".join(
+        f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+        for k, v in summary.items()
+        if k in DONE_KEYS
+    )
+    print(f"done: {shown}; wrote {out}")
+
+
+def round_pictures(task, reward, log, x_base, x_final, middle, name, rnd, nrow=8):
+    """A fine-tuning round's pictures: toy2d: OUT/samples.npy and samples.png (the base, ``middle``
+    = (label, points), the model ``name`` after round ``rnd``, over the reward); images:
+    OUT/samples_base.png and samples_round<rnd>.png."""
+    label, points = middle
+    if task.kind == "points":
+        np.save(log.path("samples.npy"), x_final.cpu().numpy())
+        sets = {"base (reference)": x_base.cpu(), label: points.cpu(), name: x_final.cpu()}
+        plot_points(
+            sets,
+            log.path("samples.png"),
+            title=f"{name} on toy2d, reward {reward.name} (shaded)",
+            background=(reward.fn, "reward"),
+        )
+    else:
+        save_grid(x_base[: nrow * 8].cpu(), log.path("samples_base.png"), nrow=nrow)
+        save_grid(x_final[: nrow * 8].cpu(), log.path(f"samples_round{rnd}.png"), nrow=nrow)
 
 
 def save_grid(images, path, nrow=None):

@@ -657,7 +657,17 @@ def main(argv=None):
             if x_base is None:  # resumed: the base's samples again, for the pictures
                 x_base = evaluate(ref_net, "base (again, for the pictures)")[1]
             if dist.main:
-                pictures(task, reward, log, x_base, x_final, x0, rnd, cfg.get("num_classes") or 8)
+                common.round_pictures(
+                    task,
+                    reward,
+                    log,
+                    x_base,
+                    x_final,
+                    (f"policy chains, round {rnd}", x0),
+                    "ddpo (EMA)",
+                    rnd,
+                    cfg.get("num_classes") or 8,
+                )
 
     summary = dict(
         task=task.name,
@@ -675,38 +685,10 @@ def main(argv=None):
         inner_epochs=args.inner_epochs,
         kl_coef=args.kl_coef,
         ema=ema.describe(),
-        reward_base=base_eval["reward_mean"],
-        reward_final=last["reward_mean"],
     )
-    for k in ("accuracy", "all_correct"):
-        if k in base_eval:
-            summary[f"{k}_base"], summary[f"{k}_final"] = base_eval[k], last.get(k)
-    if task.name == "toy2d":
-        summary.update(mode_hist_base=base_eval["mode_hist"], mode_hist_final=last["mode_hist"])
-    if task.kind == "image":
-        summary.update(
-            fid_base=base_eval.get("fid"), fid_final=last.get("fid"), fid_samples=fid_samples
-        )
+    summary.update(common.evaluation_summary(base_eval, last, task, fid_samples, None))
     summary = log.summary(**summary, base=base_path, checkpoint=ckpt_path)
-    print(
-        "done: "
-        + ", ".join(
-            f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-            for k, v in summary.items()
-            if k
-            in (
-                "reward_base",
-                "reward_final",
-                "fid_base",
-                "fid_final",
-                "accuracy_base",
-                "accuracy_final",
-                "samples_generated",
-                "wall_time_s",
-            )
-        )
-        + f"; wrote {args.out}"
-    )
+    common.print_done(summary, args.out)
     return summary
 
 
@@ -723,25 +705,6 @@ def check_policy(kls, step, lr, dist=None):
             f"too high: lower it. The last good checkpoint was kept"
         )
     return v
-
-
-def pictures(task, reward, log, x_base, x_final, chains_x0, rnd, nrow):
-    if task.kind == "points":
-        np.save(log.path("samples.npy"), x_final.cpu().numpy())
-        sets = {
-            "base (reference)": x_base.cpu(),
-            f"policy chains, round {rnd}": chains_x0.cpu(),
-            f"ddpo round {rnd} (EMA)": x_final.cpu(),
-        }
-        common.plot_points(
-            sets,
-            log.path("samples.png"),
-            title=f"ddpo on toy2d, reward {reward.name} (shaded)",
-            background=(reward.fn, "reward"),
-        )
-    else:
-        common.save_grid(x_base[: nrow * 8].cpu(), log.path("samples_base.png"), nrow=nrow)
-        common.save_grid(x_final[: nrow * 8].cpu(), log.path(f"samples_round{rnd}.png"), nrow=nrow)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ it reproduces this script exactly (tests/test_pgraft.py pins the copied lines).
 
 import os
 
-import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
@@ -496,16 +495,16 @@ def main(argv=None):
             if x_base is None:  # resumed: the base's samples again, for the pictures
                 x_base = evaluate(ref_net, "base (again, for the pictures)")[1]
             if dist.main:
-                pictures(
+                common.round_pictures(
                     task,
                     reward,
                     log,
                     x_base,
                     x_final,
-                    x0[mask],
+                    (f"accepted X_0, round {rnd}", x0[mask]),
+                    "graft",
                     rnd,
                     cfg.get("num_classes") or 8,
-                    args.accept,
                 )
 
     summary = dict(
@@ -525,45 +524,10 @@ def main(argv=None):
         eta=eta,
         cfg_scale=args.cfg_scale,
         ema=ema.describe(),
-        reward_base=base_eval["reward_mean"],
-        reward_final=last["reward_mean"],
     )
-    for k in ("accuracy", "all_correct"):
-        if k in base_eval:
-            summary[f"{k}_base"], summary[f"{k}_final"] = base_eval[k], last.get(k)
-    if task.name == "toy2d":
-        summary.update(
-            tilt_tv=last.get("tilt_tv"),
-            tilt_tv_base=base_eval.get("tilt_tv"),
-            tilt_target=None if target is None else [round(v, 4) for v in target.tolist()],
-            mode_hist_base=base_eval["mode_hist"],
-            mode_hist_final=last["mode_hist"],
-        )
-    if task.kind == "image":
-        summary.update(
-            fid_base=base_eval.get("fid"), fid_final=last.get("fid"), fid_samples=fid_samples
-        )
+    summary.update(common.evaluation_summary(base_eval, last, task, fid_samples, target))
     summary = log.summary(**summary, base=base_path, checkpoint=ckpt_path)
-    print(
-        "done: "
-        + ", ".join(
-            f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-            for k, v in summary.items()
-            if k
-            in (
-                "reward_base",
-                "reward_final",
-                "tilt_tv",
-                "fid_base",
-                "fid_final",
-                "accuracy_base",
-                "accuracy_final",
-                "samples_generated",
-                "wall_time_s",
-            )
-        )
-        + f"; wrote {args.out}"
-    )
+    common.print_done(summary, args.out)
     return summary
 
 
@@ -578,25 +542,6 @@ def load_pool(path):
             f"cannot resume: the pool of accepted samples {path} is missing or damaged "
             f"({type(e).__name__}); rerun without --resume into another --out"
         ) from None
-
-
-def pictures(task, reward, log, x_base, x_final, accepted, rnd, nrow, accept):
-    if task.kind == "points":
-        np.save(log.path("samples.npy"), x_final.cpu().numpy())
-        sets = {
-            "base (reference)": x_base.cpu(),
-            f"accepted X_0, round {rnd}": accepted.cpu(),
-            f"graft round {rnd}": x_final.cpu(),
-        }
-        common.plot_points(
-            sets,
-            log.path("samples.png"),
-            title=f"graft on toy2d, reward {reward.name} (shaded), {accept}",
-            background=(reward.fn, "reward"),
-        )
-    else:
-        common.save_grid(x_base[: nrow * 8].cpu(), log.path("samples_base.png"), nrow=nrow)
-        common.save_grid(x_final[: nrow * 8].cpu(), log.path(f"samples_round{rnd}.png"), nrow=nrow)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ OUT/sweep.md/.csv/.png with a sub-folder ni_<N_I> per run. Default OUT: runs/pgr
 import copy
 import os
 
-import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
@@ -756,17 +755,16 @@ def run(args, n_i, ckpt, task, dist, rule, base, base_eval, lemma):
             ):  # resumed, or a later N_I of a sweep: the base's samples again, for the pictures
                 x_base = evaluate(ref_net, "base (again, for the pictures)")[1]
             if dist.main:
-                pictures(
+                common.round_pictures(
                     task,
                     reward,
                     log,
                     x_base,
                     x_final,
-                    x0[mask],
+                    (f"accepted X_0, round {rnd}", x0[mask]),
+                    f"pgraft N_I={n_i}",
                     rnd,
                     ref.config.get("num_classes") or 8,
-                    args.accept,
-                    n_i,
                 )
 
     summary = dict(
@@ -786,46 +784,11 @@ def run(args, n_i, ckpt, task, dist, rule, base, base_eval, lemma):
         eta=eta,
         cfg_scale=args.cfg_scale,
         ema=ema.describe(),
-        reward_base=base_eval["reward_mean"],
-        reward_final=last["reward_mean"],
     )
-    for k in ("accuracy", "all_correct"):
-        if k in base_eval:
-            summary[f"{k}_base"], summary[f"{k}_final"] = base_eval[k], last.get(k)
-    if task.name == "toy2d":
-        summary.update(
-            tilt_tv=last.get("tilt_tv"),
-            tilt_tv_base=base_eval.get("tilt_tv"),
-            tilt_target=None if target is None else [round(v, 4) for v in target.tolist()],
-            mode_hist_base=base_eval["mode_hist"],
-            mode_hist_final=last["mode_hist"],
-        )
-    if task.kind == "image":
-        summary.update(
-            fid_base=base_eval.get("fid"), fid_final=last.get("fid"), fid_samples=fid_samples
-        )
+    summary.update(common.evaluation_summary(base_eval, last, task, fid_samples, target))
     summary.update(n_i=n_i, n_i_frac=n_i / N, loss=args.loss, lemma43=lemma)
     summary = log.summary(**summary, base=base["path"], checkpoint=ckpt_path)
-    print(
-        "done: "
-        + ", ".join(
-            f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-            for k, v in summary.items()
-            if k
-            in (
-                "reward_base",
-                "reward_final",
-                "tilt_tv",
-                "fid_base",
-                "fid_final",
-                "accuracy_base",
-                "accuracy_final",
-                "samples_generated",
-                "wall_time_s",
-            )
-        )
-        + f"; wrote {args.out}"
-    )
+    common.print_done(summary, args.out)
     return dict(summary, _base_eval={k: v for k, v in base_eval.items() if k != "tilt_tv"})
 
 
@@ -840,25 +803,6 @@ def load_pool(path):
             f"cannot resume: the pool of kept states {path} is missing or damaged "
             f"({type(e).__name__}); rerun without --resume into another --out"
         ) from None
-
-
-def pictures(task, reward, log, x_base, x_final, accepted, rnd, nrow, accept, n_i):
-    if task.kind == "points":
-        np.save(log.path("samples.npy"), x_final.cpu().numpy())
-        sets = {
-            "base (reference)": x_base.cpu(),
-            f"accepted X_0, round {rnd}": accepted.cpu(),
-            f"pgraft N_I={n_i}, round {rnd}": x_final.cpu(),
-        }
-        common.plot_points(
-            sets,
-            log.path("samples.png"),
-            title=f"pgraft on toy2d, reward {reward.name} (shaded), {accept}",
-            background=(reward.fn, "reward"),
-        )
-    else:
-        common.save_grid(x_base[: nrow * 8].cpu(), log.path("samples_base.png"), nrow=nrow)
-        common.save_grid(x_final[: nrow * 8].cpu(), log.path(f"samples_round{rnd}.png"), nrow=nrow)
 
 
 def sweep_table(top, args, rows, n_is, N, lemma):
