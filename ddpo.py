@@ -48,8 +48,11 @@ TASK_DEFAULTS = {
                   ema_decay=0.9, buffer_size=2048, eval_samples=5000, sample_batch=4000),
     "mnist": dict(prompts=100, M=8, rounds=20, sample_steps=50, batch_size=256, lr=1e-5,
                   ema_decay=0.9, buffer_size=160, eval_samples=1000, sample_batch=800),
+    "mnist16": dict(prompts=50, M=8, rounds=20, sample_steps=50, batch_size=256, lr=1e-4,
+                    ema_decay=0.9, buffer_size=160, eval_samples=400, sample_batch=400),
     "celeba": IMAGE, "celebahq": IMAGE, "church": IMAGE,
 }
+TASK_DEFAULTS["mnist-pairs16"] = TASK_DEFAULTS["mnist-pairs"] = TASK_DEFAULTS["mnist16"]
 # fmt: on
 # Flags that may differ between a run and its --resume (--lr: resume a diverged run with a lower
 # one); all others must match the checkpoint's.
