@@ -508,3 +508,11 @@ def test_base_and_finetuned_models_are_evaluated_at_one_precision(base, tmp_path
     graft.main(["--base", base, "--out", str(tmp_path / "b"), "--bf16"] + TINY)
     assert wrapped and all(bf16 for _, _, bf16 in wrapped)
     assert len({i for _, i, _ in wrapped}) >= 3  # the reference, the fine-tuned model, its EMA copy
+
+
+def test_rerun_into_a_finished_out_without_resume_is_refused(base, tmp_path, capsys):
+    out = ["--base", base, "--out", str(tmp_path / "r")] + TINY
+    graft.main(out)
+    before = {f: (tmp_path / "r" / f).read_bytes() for f in ("summary.json", "ckpt.pt")}
+    assert "already holds a run" in exits_2(graft.main, out, capsys)
+    assert {f: (tmp_path / "r" / f).read_bytes() for f in before} == before
