@@ -171,6 +171,14 @@ pos_float = _number(float, 0.0, lo_open=True, what="a number > 0")
 nonneg_float = _number(float, 0.0, what="a number >= 0")
 finite_float = _number(float, what="a finite number")
 unit_float = _number(float, 0.0, 1.0, what="a number in [0, 1]")
+fid_int = _number(int, -1, what="an integer >= -1 (-1: 5000 on CUDA, 0 on the CPU)")
+
+
+def fid_count(flag, device, task):
+    """--fid-samples as a count: -1 means 5000 on CUDA and none on the CPU; 0 off image tasks."""
+    if task.kind != "image":
+        return 0
+    return flag if flag >= 0 else (5000 if device.type == "cuda" else 0)
 
 
 def int_list(text):

@@ -179,7 +179,7 @@ def get_args(argv=None):
     )
     p.add_argument(
         "--fid-samples",
-        type=int,
+        type=common.fid_int,
         default=-1,
         help="samples for FID of image tasks (-1: 5000 on CUDA, 0 on CPU; 0: none)",
     )
@@ -190,8 +190,6 @@ def get_args(argv=None):
         help="samples per sampler call (memory)",
     )
     args, given = common.parse(p, argv, TASK_DEFAULTS, MAY_CHANGE)
-    if args.fid_samples < -1:
-        p.error(f"argument --fid-samples: must be >= -1, got {args.fid_samples}")
     if args.sampler == "ddpm" and "eta" in given and args.eta != 1.0:
         p.error(
             f"--eta {args.eta} with --sampler ddpm: ancestral sampling is eta = 1; use --sampler "
@@ -214,11 +212,7 @@ def main(argv=None):
     eta = 1.0 if args.sampler == "ddpm" else args.eta
     rule = AcceptRule(args.accept, args.M, args.K, args.tau, args.alpha)
     args.K = rule.K
-    fid_samples = (
-        0
-        if task.kind != "image"
-        else (args.fid_samples if args.fid_samples >= 0 else (5000 if device.type == "cuda" else 0))
-    )
+    fid_samples = common.fid_count(args.fid_samples, device, task)
     torch.manual_seed(args.seed)
 
     # ---- the frozen reference, the reward and the copy to fine-tune; checked before --out is

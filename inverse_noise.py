@@ -194,7 +194,7 @@ def get_args(argv=None):
     )
     p.add_argument(
         "--fid-samples",
-        type=int,
+        type=common.fid_int,
         default=-1,
         help="samples per table row for FID on image tasks (-1: 5000 on CUDA, 0 on CPU; 0: none)",
     )
@@ -217,8 +217,6 @@ def get_args(argv=None):
         help="debug: exit (code 3) after writing this many new chunks, to test resuming (0: off)",
     )
     args, _ = common.parse(p, argv, TASK_DEFAULTS, MAY_CHANGE)
-    if args.fid_samples < -1:
-        p.error(f"argument --fid-samples: must be >= -1, got {args.fid_samples}")
     n = args.sample_steps
     args.corrector_sample_steps = args.corrector_sample_steps or sorted(
         {max(1, n // 4), max(1, n // 2), n}
@@ -240,12 +238,7 @@ def main(argv=None):
     n = args.sample_steps
     args.out = args.out or os.path.join("runs", "inverse_noise", f"{task.name}-N{n}")
     common.check_out(args.out)
-    points = task.kind == "points"
-    fid_samples = (
-        0
-        if points
-        else (args.fid_samples if args.fid_samples >= 0 else (5000 if device.type == "cuda" else 0))
-    )
+    fid_samples = common.fid_count(args.fid_samples, device, task)
     torch.manual_seed(args.seed)
 
     # ---- everything is loaded and checked before --out is touched

@@ -193,7 +193,7 @@ def get_args(argv=None):
     )
     p.add_argument(
         "--fid-samples",
-        type=int,
+        type=common.fid_int,
         default=-1,
         help="samples for FID of image tasks (-1: 5000 on CUDA, 0 on CPU; 0: none)",
     )
@@ -233,8 +233,6 @@ def get_args(argv=None):
         help="stochastic continuations per state (>= 2)",
     )
     args, given = common.parse(p, argv, TASK_DEFAULTS, MAY_CHANGE)
-    if args.fid_samples < -1:
-        p.error(f"argument --fid-samples: must be >= -1, got {args.fid_samples}")
     if args.sampler == "ddpm" and "eta" in given and args.eta != 1.0:
         p.error(
             f"--eta {args.eta} with --sampler ddpm: ancestral sampling is eta = 1; use --sampler "
@@ -444,11 +442,7 @@ def run(args, n_i, ckpt, task, dist, rule, base, base_eval, lemma):
     )
     N = process.N
     eta = 1.0 if args.sampler == "ddpm" else args.eta
-    fid_samples = (
-        0
-        if task.kind != "image"
-        else (args.fid_samples if args.fid_samples >= 0 else (5000 if device.type == "cuda" else 0))
-    )
+    fid_samples = common.fid_count(args.fid_samples, device, task)
     model = model_from_checkpoint(base["ckpt"], device)[0].requires_grad_(
         True
     )  # the copy that is fine-tuned

@@ -97,7 +97,7 @@ def get_args(argv=None):
     )
     p.add_argument(
         "--fid-samples",
-        type=int,
+        type=common.fid_int,
         default=-1,
         help="images for FID at the end (-1: 5000 on CUDA, 0 on CPU; 0: none)",
     )
@@ -120,8 +120,6 @@ def get_args(argv=None):
         "time on this device (two timed steps), then exit without writing anything",
     )
     args, _ = common.parse(p, argv, TASK_DEFAULTS, MAY_CHANGE)
-    if args.fid_samples < -1:
-        p.error(f"argument --fid-samples: must be >= -1, got {args.fid_samples}")
     return args
 
 
@@ -136,9 +134,7 @@ def main(argv=None):
     args.out = args.out or os.path.dirname(common.default_base_path(task.name, args.model))
     common.check_out(args.out)
     conditional = task.conditional and not args.unconditional
-    fid_samples = (
-        args.fid_samples if args.fid_samples >= 0 else (5000 if device.type == "cuda" else 0)
-    )
+    fid_samples = common.fid_count(args.fid_samples, device, task)
     torch.manual_seed(args.seed)
 
     # ---- everything is built and checked before --out is touched

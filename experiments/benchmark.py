@@ -234,7 +234,7 @@ def get_args(argv=None):
     )
     p.add_argument(
         "--fid-samples",
-        type=int,
+        type=common.fid_int,
         default=-1,
         help="Inception FID samples in the final "
         "evaluation (-1: the preset's on CUDA, 0 on CPU; 0: none)",
@@ -250,8 +250,6 @@ def get_args(argv=None):
             help=f"graft/pgraft --{k.replace('_', '-')} (default: the preset's)",
         )
     args = p.parse_args(argv)
-    if args.fid_samples < -1:
-        p.error(f"argument --fid-samples: must be >= -1, got {args.fid_samples}")
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in args.methods if m not in ("graft", "pgraft", "ddpo")]
     if bad or not args.methods:
