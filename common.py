@@ -696,6 +696,30 @@ def load_base(path, device, task=None):
     return model.requires_grad_(False), process, ckpt
 
 
+def check_ddpm_reference(ref, process, base_ckpt, base_path, sample_steps, cfg_scale, method):
+    """The reference a fine-tuning script can use: a DDPM, sampled in at most N steps, with
+    guidance only where the null condition was trained. Returns whether it takes conditions."""
+    if not isinstance(process, DDPM):
+        raise UsageError(
+            f"{base_path} is not a DDPM (process {base_ckpt.get('process')}); {method} "
+            f"fine-tunes DDPMs"
+        )
+    if sample_steps > process.N:
+        raise UsageError(
+            f"--sample-steps {sample_steps} exceeds the chain's N = {process.N}; use at "
+            f"most {process.N}"
+        )
+    conditional = bool(ref.config.get("num_classes") or ref.config.get("cond_dim"))
+    made_with = base_ckpt.get("args") if isinstance(base_ckpt.get("args"), dict) else {}
+    if cfg_scale > 0 and not (conditional and made_with.get("cond_drop", 0) > 0):
+        raise UsageError(
+            f"--cfg-scale {cfg_scale} needs a conditional base pretrained with "
+            f"--cond-drop > 0 (its null condition is untrained otherwise); {base_path} "
+            f"is not one"
+        )
+    return conditional
+
+
 def wrap_net(model, bf16=False, compile=False):
     """The network as the samplers call it: optional torch.compile and bf16 autocast (CUDA only)."""
     dev = next(model.parameters()).device

@@ -34,7 +34,7 @@ import torch
 import common
 import rewards
 from eval.metrics import FID, evaluate_samples
-from models import DDPM, EMA, model_from_checkpoint, save_checkpoint
+from models import EMA, model_from_checkpoint, save_checkpoint
 from models.diffusion import gaussian_log_prob, randn
 from tasks import UsageError, get_task
 
@@ -340,25 +340,10 @@ def main(argv=None):
         args.base, task, "ddpm", seed=args.seed, device=args.device, data_dir=args.data_dir
     )
     ref, process, base_ckpt = common.load_base(base_path, device, task=task)
-    if not isinstance(process, DDPM):
-        raise UsageError(
-            f"{base_path} is not a DDPM (process {base_ckpt.get('process')}); DDPO fine-tunes DDPMs"
-        )
-    if args.sample_steps > process.N:
-        raise UsageError(
-            f"--sample-steps {args.sample_steps} exceeds the chain's N = {process.N}; "
-            f"use at most {process.N}"
-        )
+    conditional = common.check_ddpm_reference(
+        ref, process, base_ckpt, base_path, args.sample_steps, args.cfg_scale, "DDPO"
+    )
     cfg = ref.config
-    conditional = bool(cfg.get("num_classes") or cfg.get("cond_dim"))
-    if args.cfg_scale > 0 and not (
-        conditional and (base_ckpt.get("args") or {}).get("cond_drop", 0) > 0
-    ):
-        raise UsageError(
-            f"--cfg-scale {args.cfg_scale} needs a conditional base pretrained with "
-            f"--cond-drop > 0 (its null condition is untrained otherwise); "
-            f"{base_path} is not one"
-        )
     data = task.dataset("train", args.data_dir) if cfg.get("cond_dim") else None
     reward = rewards.get_reward(
         args.reward, task, device, conditional, args.data_dir, args.classifier

@@ -30,7 +30,7 @@ import common
 import rewards
 from eval import lemma43
 from eval.metrics import FID, evaluate_samples
-from models import DDPM, EMA, lr_at, model_from_checkpoint, save_checkpoint
+from models import EMA, lr_at, model_from_checkpoint, save_checkpoint
 from rewards.acceptance import RULES, AcceptRule, condition_groups, kl_proxy
 from tasks import Batches, UsageError, get_task
 
@@ -325,31 +325,15 @@ def main(argv=None):
         args.base, task, "ddpm", seed=args.seed, device=args.device, data_dir=args.data_dir
     )
     ref, process, base_ckpt = common.load_base(base_path, device, task=task)
-    if not isinstance(process, DDPM):
-        raise UsageError(
-            f"{base_path} is not a DDPM (process {base_ckpt.get('process')}); P-GRAFT fine-tunes "
-            f"DDPMs"
-        )
-    if args.sample_steps > process.N:
-        raise UsageError(
-            f"--sample-steps {args.sample_steps} exceeds the chain's N = {process.N}; use at most "
-            f"{process.N}"
-        )
+    conditional = common.check_ddpm_reference(
+        ref, process, base_ckpt, base_path, args.sample_steps, args.cfg_scale, "P-GRAFT"
+    )
     n_is = parse_steps(args.n_i, process.N, "--n-i")
     levels = (
         []
         if args.lemma_levels == "none"
         else parse_steps(args.lemma_levels, process.N, "--lemma-levels", True)
     )
-    conditional = bool(ref.config.get("num_classes") or ref.config.get("cond_dim"))
-    if args.cfg_scale > 0 and not (
-        conditional and (base_ckpt.get("args") or {}).get("cond_drop", 0) > 0
-    ):
-        raise UsageError(
-            f"--cfg-scale {args.cfg_scale} needs a conditional base pretrained with --cond-drop > "
-            f"0 "
-            f"(its null condition is untrained otherwise); {base_path} is not one"
-        )
     reward = rewards.get_reward(
         args.reward, task, device, conditional, args.data_dir, args.classifier
     )
