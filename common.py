@@ -171,6 +171,8 @@ pos_float = _number(float, 0.0, lo_open=True, what="a number > 0")
 nonneg_float = _number(float, 0.0, what="a number >= 0")
 finite_float = _number(float, what="a finite number")
 unit_float = _number(float, 0.0, 1.0, what="a number in [0, 1]")
+# torch.manual_seed takes 64 bits; derived seeds (seed * 1000 + round, ...) wrap in generator()
+seed_int = _number(int, 0, 2**63 - 1, what="an integer in [0, 2^63)")
 fid_int = _number(int, -1, what="an integer >= -1 (-1: 5000 on CUDA, 0 on the CPU)")
 
 
@@ -285,7 +287,8 @@ def pick_device(name):
 
 
 def generator(seed, device):
-    return torch.Generator(device=device).manual_seed(seed)
+    """A generator on ``device``; a derived seed beyond 64 bits wraps (small ones are unchanged)."""
+    return torch.Generator(device=device).manual_seed(seed % 2**64)
 
 
 # ---------------------------------------------------------------- torchrun ----
@@ -550,6 +553,19 @@ def restore(ckpt, model, ema, opt):
         opt.load_state_dict(ckpt["optimizer"])
     set_rng_state(ckpt["rng"])
     return ckpt["step"], ckpt.get("extra") or {}
+
+
+def load_pool(path):
+    """The accepted samples (or kept states) of the rounds so far, saved next to the checkpoint
+    that names them."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        # missing or truncated
+        raise CheckpointError(
+            f"cannot resume: the pool of accepted samples {path} is missing or damaged "
+            f"({type(e).__name__}); rerun without --resume into another --out"
+        ) from None
 
 
 # ---------------------------------------------------------------- divergence ----
@@ -828,6 +844,9 @@ def round_pictures(task, reward, log, x_base, x_final, middle, name, rnd, nrow=8
     = (label, points), the model ``name`` after round ``rnd``, over the reward); images:
     OUT/samples_base.png and samples_round<rnd>.png."""
     label, points = middle
+    if x_base is None:
+        # a run resumed from a checkpoint older than the base preview: no base picture
+        x_base = x_final[:0]
     if task.kind == "points":
         np.save(log.path("samples.npy"), x_final.cpu().numpy())
         sets = {"base (reference)": x_base.cpu(), label: points.cpu(), name: x_final.cpu()}
@@ -874,3 +893,104 @@ def plot_points(sets, path, title="", background=None):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------- fine-tuning rounds ----
+def sampler_eta(sampler, eta, typed):
+    """The eta a sampler runs at: ancestral DDPM is eta = 1 and refuses another typed --eta."""
+    if sampler == "ddpm" and typed and eta != 1.0:
+        raise UsageError(
+            f"--eta {eta} with --sampler ddpm: ancestral sampling is eta = 1; use --sampler ddim "
+            f"--eta {eta}"
+        )
+    return 1.0 if sampler == "ddpm" else eta
+
+
+def toy2d_target(task, reward, rule, abar, rounds, sample_from):
+    """toy2d: the exact mode weights of the accepted law at noise level ``abar`` (1: X_0, GRAFT;
+    abar_{N_I}: P-GRAFT), from rewards/toy2d.py; None on other tasks."""
+    if task.name != "toy2d" or not hasattr(reward, "cdf"):
+        return None
+    from rewards.toy2d import tilted_mode_weights
+
+    return tilted_mode_weights(rule.prob, reward, abar, rounds, compound=sample_from == "current")
+
+
+def finetune_settings(args, task, base_path, reward, ema, conditional, eta, N, fid_samples,
+                      target):
+    """The derived quantities a fine-tuning script prints before it starts."""
+    per_round = args.prompts * args.M
+    fixed = args.accept in ("topk", "bon")
+    return dict(
+        base=base_path,
+        conditional=conditional,
+        reward=f"{reward.name}: {reward.description}",
+        accept=f"{args.accept} (M={args.M}, K={args.K}, tau={args.tau}, alpha={args.alpha})",
+        samples_per_round=f"{args.prompts} conditions x M={args.M} = {per_round}",
+        expected_accepted=f"{args.prompts * args.K} per round" if fixed else "random",
+        rounds=args.rounds,
+        sample_budget=args.rounds * per_round,
+        sample_from=args.sample_from,
+        sampler=f"{args.sampler} eta={eta}, {args.sample_steps} steps over N={N}, "
+        f"cfg {args.cfg_scale}",
+        finetune=f"{args.train_steps} steps/round, batch {args.batch_size}, lr {args.lr}, "
+        f"EMA {ema.describe()}",
+        eval=f"{args.eval_samples} samples" + (f", FID on {fid_samples}" if fid_samples else ""),
+        tilt_target=None if target is None else [round(v, 4) for v in target.tolist()],
+    )
+
+
+def check_accepted(mask, r, rnd, accept):
+    """A round whose rule accepted nothing cannot fine-tune: say so and how to fix it."""
+    if not bool(mask.any()):
+        raise UsageError(
+            f"round {rnd}: the rule {accept} accepted none of {len(r)} samples "
+            f"(reward max {r.max().item():.4g}); lower --tau or raise --alpha"
+        )
+
+
+def round_stats(r, mask, r_hat, acc_prob, pool, samples, suffix=""):
+    """A round's selection statistics (one host sync each, after sampling). ``suffix`` names what
+    the acceptance probability is of ("_x0" in P-GRAFT, where X_{N_I} is kept)."""
+    from rewards.acceptance import kl_proxy
+
+    n_acc = int(mask.sum())
+    return {
+        "reward_all_mean": r.mean().item(),
+        "reward_all_std": r.std().item(),
+        "reward_accepted_mean": r[mask].mean().item(),
+        "reward_accepted_std": r[mask].std().item() if n_acc > 1 else 0.0,
+        "acceptance_rate": n_acc / len(r),
+        "accepted": n_acc,
+        "pool": pool,
+        f"r_hat{suffix}_mean": r_hat.mean().item(),
+        f"r_hat{suffix}_accepted_mean": r_hat[mask].mean().item(),
+        f"kl_proxy{suffix}": kl_proxy(acc_prob),
+        "samples_generated": samples,
+    }
+
+
+def prefixed(prefix, d):
+    """``d``'s scalar entries with ``prefix`` on their keys (lists are left out)."""
+    return {f"{prefix}{k}": v for k, v in d.items() if not isinstance(v, list)}
+
+
+def print_eval(tag, ev):
+    shown = ", ".join(f"{k}={v:.4f}" for k, v in ev.items() if isinstance(v, float))
+    print(f"   eval {tag}: {shown}", flush=True)
+
+
+def print_round(rnd, rounds, stats, loss, ev, base_eval):
+    kl = next(v for k, v in stats.items() if k.startswith("kl_proxy"))
+    print(
+        f"round {rnd}/{rounds}: reward all {stats['reward_all_mean']:.4f}, accepted "
+        f"{stats['reward_accepted_mean']:.4f}, accept rate {stats['acceptance_rate']:.3f}, "
+        f"KL proxy {kl:.4f}, loss {loss:.4f}, eval reward {ev['reward_mean']:.4f} "
+        f"(base {base_eval['reward_mean']:.4f}), samples {stats['samples_generated']}",
+        flush=True,
+    )
+
+
+def preview(x, task, n_images=100, n_points=5000):
+    """The few samples a picture shows, on the CPU (kept in the checkpoint for resumed runs)."""
+    return x[: n_points if task.kind == "points" else n_images].cpu()

@@ -443,7 +443,7 @@ class Batches:
 
     def __init__(self, dataset, batch_size, device, seed=0, workers=2):
         self.device, self.bs = device, batch_size
-        self.g = torch.Generator().manual_seed(seed)
+        self.g = torch.Generator().manual_seed(seed % 2**64)
         self.tensors = (
             [t.to(device) for t in dataset.tensors] if hasattr(dataset, "tensors") else None
         )
