@@ -7,6 +7,7 @@ never leaves a truncated checkpoint where a good one was.
 """
 
 import argparse
+import dataclasses
 import glob
 import os
 import random
@@ -55,9 +56,9 @@ def set_rng_state(state):
 
 def _plain(obj):
     """Args and extras as JSON-like values so that weights_only loading accepts them."""
-    if isinstance(
-        obj, argparse.Namespace
-    ):  # a script's arguments: kept as a dict so --resume can compare them
+    # a script's arguments (a Namespace or a config dataclass): kept as a dict so --resume can
+    # compare them
+    if isinstance(obj, argparse.Namespace) or dataclasses.is_dataclass(obj):
         obj = vars(obj)
     if isinstance(obj, dict):
         return {str(k): _plain(v) for k, v in obj.items()}
