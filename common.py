@@ -171,6 +171,7 @@ pos_float = _number(float, 0.0, lo_open=True, what="a number > 0")
 nonneg_float = _number(float, 0.0, what="a number >= 0")
 finite_float = _number(float, what="a finite number")
 unit_float = _number(float, 0.0, 1.0, what="a number in [0, 1]")
+pos_unit_float = _number(float, 0.0, 1.0, lo_open=True, what="a number in (0, 1]")
 # torch.manual_seed takes 64 bits; derived seeds (seed * 1000 + round, ...) wrap in generator()
 seed_int = _number(int, 0, 2**63 - 1, what="an integer in [0, 2^63)")
 fid_int = _number(int, -1, what="an integer >= -1 (-1: 5000 on CUDA, 0 on the CPU)")
@@ -600,6 +601,26 @@ def check_weights(model, step, lr, flag="--lr"):
         )
 
 
+# approx KL (nats per step) of a policy from its sampling one beyond which the updates exploded
+KL_LIMIT = 1e3
+
+
+def check_policy(kls, step, lr, dist=None):
+    """PPO's approx_kl over the logged window (one host sync; over all ranks under torchrun, so
+    every rank decides alike): non-finite or beyond KL_LIMIT nats per step means the updates left
+    any trust region (a loss clipped by PPO can stay small while the policy explodes); raises
+    Diverged before anything is written."""
+    v = torch.stack(kls).mean()
+    v = (dist.mean(v) if dist is not None else v).item()
+    if not math.isfinite(v) or v > KL_LIMIT:
+        raise Diverged(
+            f"the policy diverged by step {step} (approx KL {v:.4g} per step from the sampling "
+            f"policy); the learning rate --lr {lr:g} is likely too high: lower it. The last good "
+            f"checkpoint was kept"
+        )
+    return v
+
+
 # ---------------------------------------------------------------- models ----
 def build_network(task, model_kind, preset=None, conditional=None):
     preset = preset or task.presets[model_kind]
@@ -736,6 +757,20 @@ def check_ddpm_reference(ref, process, base_ckpt, base_path, sample_steps, cfg_s
     return conditional
 
 
+def load_reference(args, task, device, *, method):
+    """The frozen reference DDPM a fine-tuning script starts from (pretrained first when --base is
+    None), checked by check_ddpm_reference before --out is touched. Returns (ref, process,
+    base_ckpt, base_path, conditional, data): ``data`` is the training split whose attribute rows
+    are the conditions (CelebA), else None."""
+    base_path = ensure_base(args.base, task, "ddpm", seed=args.seed, device=args.device,
+                            data_dir=args.data_dir)
+    ref, process, base_ckpt = load_base(base_path, device, task=task)
+    conditional = check_ddpm_reference(ref, process, base_ckpt, base_path, args.sample_steps,
+                                       args.cfg_scale, method)
+    data = task.dataset("train", args.data_dir) if ref.config.get("cond_dim") else None
+    return ref, process, base_ckpt, base_path, conditional, data
+
+
 def wrap_net(model, bf16=False, compile=False):
     """The network as the samplers call it: optional torch.compile and bf16 autocast (CUDA only)."""
     dev = next(model.parameters()).device
@@ -829,12 +864,13 @@ DONE_KEYS = (
 )
 
 
-def print_done(summary, out):
-    """The closing line: the headline numbers of a summary and where it was written."""
+def print_done(summary, out, keys=None):
+    """The closing line: the headline numbers of a summary (``keys``, None: DONE_KEYS) and where
+    it was written."""
     shown = ", ".join(
         f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
         for k, v in summary.items()
-        if k in DONE_KEYS
+        if k in (keys or DONE_KEYS)
     )
     print(f"done: {shown}; wrote {out}")
 
@@ -859,6 +895,26 @@ def round_pictures(task, reward, log, x_base, x_final, middle, name, rnd, nrow=8
     else:
         save_grid(x_base[: nrow * 8].cpu(), log.path("samples_base.png"), nrow=nrow)
         save_grid(x_final[: nrow * 8].cpu(), log.path(f"samples_round{rnd}.png"), nrow=nrow)
+
+
+@torch.no_grad()
+def correction_pictures(task, out, *, process, corr_net, kept, best, n, data, z_inv, seed, device):
+    """inverse_noise.py's pictures. Images: OUT/samples_base_N<n>.png and
+    samples_corrected_N<n>_Nc<best>.png, grids of ``kept[0]`` (the base at N) and ``kept[best]``
+    (corrector at N_c = best, then the base). toy2d: OUT/samples.png, data space (data, base, base
+    + corrector) and noise space (the inverted noise ``z_inv``, the corrector's samples from noise
+    of generator ``seed`` as the table's rows draw it, and that noise)."""
+    if task.kind == "image":
+        save_grid(kept[0], os.path.join(out, f"samples_base_N{n}.png"), nrow=8)
+        save_grid(kept[best], os.path.join(out, f"samples_corrected_N{n}_Nc{best}.png"), nrow=8)
+        return
+    eps = torch.randn((5000, *z_inv.shape[1:]), generator=generator(seed, device), device=device)
+    z_corr = process.sample(corr_net, eps, best).cpu()
+    sets = {"data": data.tensors[0][:5000], f"base N={n}": kept[0],
+            f"base+corrector N_c={best}": kept[best], "inverted noise": z_inv[:5000],
+            f"corrector samples (N_c={best})": z_corr, "N(0, I)": eps.cpu()}
+    plot_points(sets, os.path.join(out, "samples.png"),
+                title=f"{task.name}: data space (first three panels), noise space (last three)")
 
 
 def save_grid(images, path, nrow=None):
@@ -994,3 +1050,59 @@ def print_round(rnd, rounds, stats, loss, ev, base_eval):
 def preview(x, task, n_images=100, n_points=5000):
     """The few samples a picture shows, on the CPU (kept in the checkpoint for resumed runs)."""
     return x[: n_points if task.kind == "points" else n_images].cpu()
+
+
+# ---------------------------------------------------------------- P-GRAFT's N_I ----
+def parse_steps(spec, process, flag, allow_n=False):
+    """Steps of the chain from '0.25' / '0,0.1,0.5' / '50' / 'abar:0.9,0.5': values in [0, 1) are
+    fractions of N, integers >= 1 steps, ``abar:A,...`` the steps whose abar_n is nearest A."""
+    N, text = process.N, str(spec)
+    by_abar = text.startswith("abar:")
+    items = text[5:].split(",") if by_abar else text.split(",")
+    out = []
+    for item in items:
+        try:
+            v = float(item)
+        except ValueError:
+            raise UsageError(
+                f"{flag} {spec!r}: expected numbers (fractions of N in [0, 1), integer steps, or "
+                f"abar:A with 0 < A < 1)"
+            ) from None
+        if by_abar:
+            if not 0 < v < 1:
+                raise UsageError(f"{flag} abar:{item}: out of range, need 0 < abar < 1")
+            n = int((process.alpha_bar - v).abs().argmin())
+        elif v == 1.0 and allow_n:
+            n = N
+        elif 0 <= v < 1:
+            n = int(round(v * N))
+        elif v >= 1 and v == int(v):
+            n = int(v)
+        else:
+            raise UsageError(
+                f"{flag} {item}: out of range (a fraction of N in [0, 1) or an integer step 1..N-1)"
+            )
+        if not 0 <= n < N + (1 if allow_n else 0):
+            raise UsageError(
+                f"{flag} {item} gives N_I = {n}, out of range: need 0 <= N_I < N = {N}"
+            )
+        if n in out and not allow_n:
+            raise UsageError(f"{flag} {spec!r} gives N_I = {n} twice; list each N_I once")
+        out.append(n)
+    return out
+
+
+def check_continuation(process, n_i, sample_steps, eta):
+    """P-GRAFT needs a random continuation N_I -> 0 (else X_0 is a function of X_{N_I}: GRAFT
+    again). Refuse an N_I > 0 whose continuation on the sampling grid draws no noise, naming the
+    nearest N_I whose continuation does. Returns the number of random continuation steps."""
+    k = process.stochastic_steps(n_i, 0, sample_steps, eta, keep=[n_i]) if n_i > 0 else 0
+    if n_i > 0 and k == 0:
+        grid = process.grid(process.N, 0, sample_steps)
+        ok = next(n for n in reversed(grid) if process.stochastic_steps(n, 0, sample_steps, eta))
+        raise UsageError(
+            f"--n-i {n_i}: on the {sample_steps}-step sampling grid the continuation {n_i} -> 0 is "
+            f"one deterministic step, so P-GRAFT would be GRAFT; use --n-i {ok} (abar "
+            f"{float(process.alpha_bar[ok]):.3f}) or more, or raise --sample-steps"
+        )
+    return k

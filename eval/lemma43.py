@@ -100,3 +100,21 @@ def write(result, out_dir, N, n_is, n_states, n_cont, title):
     fig.savefig(os.path.join(out_dir, "lemma43.png"), dpi=110)
     plt.close(fig)
     return table
+
+
+
+def run(net, process, task, reward, *, levels, n_is, states, continuations, seed, device,
+        conditional, data, eta, sample_steps, sample_batch, out_dir):
+    """The diagnostic as P-GRAFT runs it: the levels plus each N_I, on the reference ``net``,
+    from its own generator (seed + 31337, which draws the conditions first), written to
+    OUT/lemma43.json/.png with a printed line. Returns the table of ``write``."""
+    gen = torch.Generator(device=device).manual_seed(seed + 31337)
+    y = task.sample_conditions(states, gen, device, data) if conditional else None
+    res = conditional_reward_variance(net, process, task, reward, sorted(set(levels) | set(n_is)),
+                                      states, continuations, gen, y=y, eta=eta,
+                                      sample_steps=sample_steps, sample_batch=sample_batch)
+    table = write(res, out_dir, process.N, n_is, states, continuations,
+                  f"Lemma 4.3 on {task.name}, reward {reward.name}")
+    print("Lemma 4.3 diagnostic E[Var(r(X_0) | X_t)]: "
+          + ", ".join(f"t={t}: {m:.4g}+-{se:.2g}" for t, (m, se) in res.items()))
+    return table

@@ -92,10 +92,12 @@ class DDPM:
         pred = model(self.q_sample(x0, n, eps), n.float() / self.N, y)
         return (pred - eps).pow(2).mean()
 
-    def grid(self, start, stop, num_steps=None):
+    def grid(self, start, stop, num_steps=None, keep=()):
         """Decreasing integer steps start -> stop. With num_steps=S the points are those of the
         global S-step grid round(linspace(N, 0, S+1)) that fall inside, plus the two ends, so that
-        segment runs stitch into exactly the full run."""
+        segment runs stitch into exactly the full run. Steps in ``keep`` (P-GRAFT's N_I) are put on
+        the grid too, so a run that stops at N_I and one that passes through it take the same
+        steps."""
         if not 0 <= stop < start <= self.N:
             raise ValueError(
                 f"need 0 <= stop < start <= N={self.N}, got start={start}, stop={stop}"
@@ -103,7 +105,14 @@ class DDPM:
         if num_steps is None or num_steps >= self.N:
             return list(range(start, stop - 1, -1))
         full = torch.linspace(self.N, 0, num_steps + 1, dtype=torch.float64).round().long().tolist()
-        return [start] + [n for n in full if stop < n < start] + [stop]
+        inside = {n for n in full if stop < n < start} | {n for n in keep if stop < n < start}
+        return [start] + sorted(inside, reverse=True) + [stop]
+
+    def stochastic_steps(self, start, stop, num_steps=None, eta=1.0, keep=()):
+        """How many steps of the run start -> stop draw noise (sigma > 0). Every step to 0 is
+        deterministic (abar_0 = 1), so a continuation N_I -> 0 needs two grid steps to be random."""
+        steps = self.grid(start, stop, num_steps, keep) if start > stop else [start]
+        return sum(self.sigma(n, m, eta) > 0 for n, m in zip(steps[:-1], steps[1:]))
 
     def eps(self, model, x, n, y=None, cfg_scale=0.0):
         """eps_theta(x, n) for an int n or a (B,) long tensor n (a step per row)."""
@@ -185,9 +194,11 @@ class DDPM:
 
         Returns (x_stop, {n: x_n for n in return_at}). ``model`` is either a network or a list of
         (network, hi, lo) segments covering start..stop, e.g. [(finetuned, N, N_I), (ref, N_I,
-        0)]."""
+        0)]. The steps of ``return_at`` and the segments' ends are always on the grid."""
         start = self.N if start is None else start
-        steps = self.grid(start, stop, num_steps)
+        segments = model if isinstance(model, (list, tuple)) else []
+        ends = [n for _, hi, lo in segments for n in (hi, lo)]
+        steps = self.grid(start, stop, num_steps, keep=[*return_at, *ends])
         saved = {}
         want = set(return_at)
         if start in want:

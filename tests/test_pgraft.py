@@ -89,14 +89,69 @@ def test_stitched_sampler_switches_networks_at_n_i(base):
             0
         ]
 
-    stitched = run(pgraft.stitched(ref, net_b, N, n_i))
+    stitched = run([(ref, N, n_i), (net_b, n_i, 0)])
     g = torch.Generator().manual_seed(4)
     mid, _ = proc.sample(ref, z, None, n_i, None, g)
     manual, _ = proc.sample(net_b, mid, n_i, 0, None, g)
     assert torch.equal(stitched, manual)
     for k in (n_i - 1, n_i + 1):
         assert not torch.allclose(stitched, run([(ref, N, k), (net_b, k, 0)]))
-    assert pgraft.stitched(ref, net_b, N, 0) is ref
+
+
+def test_n_i_off_the_grid_is_put_on_it_the_same_way_everywhere(base):
+    """N_I = 37 is not on the 10-step grid (200, 180, ..., 20, 0): a run that stops at N_I, a
+    stitched run through it and a run that only asks for X_{N_I} take the same steps, so training
+    (which keeps X_{N_I}) and every evaluation (stitched) sample one chain. Bug it catches: the
+    final table sampling on the plain grid while training inserted N_I (issue 17, item 4)."""
+    from common import load_base
+
+    ref, proc, _ = load_base(base, "cpu")
+    N, n_i, S = proc.N, 37, 10
+    z = torch.randn(64, 2, generator=torch.Generator().manual_seed(3))
+
+    def gen():
+        return torch.Generator().manual_seed(4)
+
+    stitched, at = proc.sample([(ref, N, n_i), (ref, n_i, 0)], z, generator=gen(), num_steps=S,
+                               return_at=[n_i])
+    asked, at2 = proc.sample(ref, z, generator=gen(), num_steps=S, return_at=[n_i])
+    g = gen()
+    mid, _ = proc.sample(ref, z, None, n_i, None, g, num_steps=S)
+    two, _ = proc.sample(ref, mid, n_i, 0, None, g, num_steps=S)
+    assert torch.equal(stitched, two) and torch.equal(asked, two)
+    assert torch.equal(at[n_i], mid) and torch.equal(at2[n_i], mid)
+    plain, _ = proc.sample(ref, z, generator=gen(), num_steps=S)
+    assert not torch.allclose(plain, two)
+    assert proc.grid(N, 0, S, keep=[n_i])[-3:] == [n_i, 20, 0]
+
+
+def test_one_step_continuation_is_refused_naming_the_nearest_good_n_i(base, tmp_path, capsys):
+    """On toy2d (N = 200) with 10 sampler steps the continuation 20 -> 0 is one deterministic step
+    (sigma = 0 into step 0): that P-GRAFT is GRAFT. Refused in one line naming 40, the nearest N_I
+    whose continuation draws noise; 40 itself runs and records 1 random continuation step."""
+    out = ["--out", str(tmp_path / "r"), "--sample-steps", "10", "--lemma-levels", "none"]
+    for spec in ("0.1", "20", "5"):
+        msg = exits_2(pgraft.main, ["--base", base, "--n-i", spec] + out, capsys)
+        assert "deterministic" in msg and "--n-i 40" in msg, msg
+    assert not os.path.exists(tmp_path / "r")
+    s = pgraft.main(["--base", base, "--n-i", "0.2"] + out + TINY)
+    assert s["n_i"] == 40 and s["random_continuation_steps"] == 1
+
+
+def test_n_i_by_noise_level(base, tmp_path):
+    """abar:A picks the step whose abar is nearest A, and the summary records N_I and abar_{N_I}."""
+    from common import load_base, parse_steps
+
+    _, proc, _ = load_base(base, "cpu")
+    n = parse_steps("abar:0.5,0.9", proc, "--n-i")
+    ab = proc.alpha_bar
+    for target, step in zip((0.5, 0.9), n):
+        assert abs(ab[step] - target) <= (ab - target).abs().min() + 1e-12
+        assert abs(ab[step] - target) < 0.01
+    assert n[0] > n[1]
+    s = pgraft.main(["--base", base, "--out", str(tmp_path / "a"), "--n-i", "abar:0.5",
+                     "--lemma-levels", "none"] + TINY)
+    assert s["n_i"] == n[0] and abs(s["abar_n_i"] - float(ab[n[0]])) < 1e-12
 
 
 # ---------------------------------------------------------------- theory check 4 ----
@@ -192,9 +247,11 @@ def test_pgraft_toy2d_matches_its_exact_target_and_writes_everything(base, tmp_p
     assert set(lemma) == {"20", "50", "100", "200"}
 
 
-def test_sweep_writes_table_and_plot(base, tmp_path):
+def test_sweep_writes_table_and_plot(base, tmp_path, capsys):
+    from experiments import pgraft_sweep
+
     out = tmp_path / "sw"
-    s = pgraft.main(
+    s = pgraft_sweep.main(
         ["--base", base, "--out", str(out), "--n-i", "0,0.5", "--lemma-levels", "none"] + TINY
     )
     assert s["n_i"] == [0, 100] and len(s["reward_final"]) == 2 and len(s["tilt_tv"]) == 2
@@ -202,9 +259,18 @@ def test_sweep_writes_table_and_plot(base, tmp_path):
         assert (out / f).exists(), f
     table = (out / "sweep.md").read_text()
     assert "| base |" in table and "| 100 |" in table and "tilt_tv_base" in table
-    assert (
-        len(s["tilt_tv_base"]) == 2 and s["tilt_tv_base"][0] != s["tilt_tv_base"][1]
-    )  # one target per N_I
+    assert "abar_n_i" in table and "random_continuation_steps" in table
+    # one target per N_I
+    assert len(s["tilt_tv_base"]) == 2 and s["tilt_tv_base"][0] != s["tilt_tv_base"][1]
+    # a list is the sweep's, not pgraft.py's; a repeated N_I is refused before any run
+    assert "experiments.pgraft_sweep" in exits_2(
+        pgraft.main, ["--base", base, "--n-i", "0,0.5", "--out", str(tmp_path / "l")], capsys
+    )
+    assert "twice" in exits_2(
+        pgraft_sweep.main, ["--base", base, "--n-i", "0.25,50", "--out", str(tmp_path / "t")],
+        capsys,
+    )
+    assert not os.path.exists(tmp_path / "l") and not os.path.exists(tmp_path / "t")
 
 
 def test_loss_x0_resume_and_current(base, tmp_path, capsys):
@@ -239,7 +305,6 @@ def test_refusals(base, tmp_path, capsys):
     assert "expected numbers" in exits_2(
         pgraft.main, ["--base", base, "--n-i", "half"] + out, capsys
     )
-    assert "twice" in exits_2(pgraft.main, ["--base", base, "--n-i", "0.25,50"] + out, capsys)
     assert "--sample-steps" in exits_2(
         pgraft.main, ["--base", base, "--sample-steps", "500"] + out, capsys
     )
