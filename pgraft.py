@@ -32,55 +32,16 @@ from eval import lemma43
 from eval.metrics import FID, evaluate_samples
 from harness import arg
 from models import EMA, lr_at, model_from_checkpoint
-from rewards.acceptance import RULES, AcceptRule, condition_groups
+from rewards.acceptance import AcceptRule, condition_groups
 from tasks import Batches, get_task
 
 
 # fmt: off
 @dataclasses.dataclass
-class Args(harness.RunArgs):
-    """P-GRAFT: shape the distribution at step N_I, let the frozen reference finish."""
+class Args(harness.FinetuneArgs):
+    """P-GRAFT: shape the distribution at step N_I, let the frozen reference finish. Flags:
+    harness.FinetuneArgs (as graft.py's) and these."""
 
-    base: str = arg(None, "reference DDPM: a checkpoint, or diffusers:PATH_OR_REPO_ID (None: "
-                    "runs/pretrain/<task>-ddpm/ckpt.pt, pretrained first when absent)")
-    reward: str = arg(None, "reward (None: the task's own): linear[:DEG], digit[:K], pair, "
-                      "attributes, <celeba attribute>[+...], jpeg, jpeg-incompressibility")
-    classifier: str = arg(None, "reward classifier checkpoint (None: "
-                          "runs/rewards/<task>-classifier.pt, trained first when absent)")
-    accept: str = arg("topk", "acceptance rule: top-K of M (RAFT), best-of-N (N = M), reward >= "
-                      "tau, or rejection sampling w.p. exp((r - r_max) / alpha)", choices=RULES)
-    M: int = arg(8, "samples drawn per condition per round", check=common.pos_int)
-    K: int = arg(2, "top-K keeps the K best of each condition's M", check=common.pos_int)
-    tau: float = arg(None, "reward threshold of --accept threshold", check=common.finite_float)
-    alpha: float = arg(1.0, "temperature of rs; r_hat = alpha log P(accept | x) for every rule",
-                       check=common.pos_float)
-    prompts: int = arg(1000, "conditions per round (MNIST labels cycle 0..9; toy2d has none)",
-                       check=common.pos_int)
-    rounds: int = arg(1, "sample -> accept -> fine-tune rounds", check=common.pos_int,
-                      may_change=True)
-    sample_from: str = arg("ref", "ref: sample the frozen reference every round, the pool grows; "
-                           "current: sample the stitched model so far, tilts compound",
-                           choices=["ref", "current"])
-    sampler: str = arg("ddpm", "ddpm: ancestral (eta = 1); ddim: generalised DDIM with --eta",
-                       choices=["ddpm", "ddim"])
-    eta: float = arg(1.0, "DDIM eta of --sampler ddim (0: deterministic; ddpm is eta = 1)",
-                     check=common.nonneg_float)
-    sample_steps: int = arg(200, "sampler steps over the N-step chain", check=common.pos_int)
-    cfg_scale: float = arg(0.0, "guidance w: eps_u + (1 + w)(eps_c - eps_u); needs --cond-drop",
-                           check=common.nonneg_float)
-    train_steps: int = arg(1000, "fine-tuning optimiser steps per round", check=common.pos_int)
-    batch_size: int = arg(512, "fine-tuning minibatch", check=common.pos_int)
-    lr: float = arg(1e-3, "peak AdamW learning rate", check=common.pos_float, may_change=True)
-    warmup: int = arg(50, "linear warm-up steps per round (at most half the round)",
-                      check=common.nonneg_int)
-    ema_decay: float = arg(0.99, "EMA decay, warmed up as min(d, (1+s)/(10+s))",
-                           check=common.unit_float)
-    grad_clip: float = arg(1.0, "clip the gradient norm (0: off)", check=common.nonneg_float)
-    eval_samples: int = arg(5000, "fresh samples per evaluation", check=common.pos_int,
-                            may_change=True)
-    fid_samples: int = arg(-1, "FID samples on image tasks (-1: 5000 on CUDA, 0 on CPU)",
-                           check=common.fid_int, may_change=True)
-    sample_batch: int = arg(4000, "samples per sampler call (memory)", check=common.pos_int)
     n_i: str = arg("0.25", "N_I: a fraction of N in [0, 1), an integer step, or abar:A (the step "
                    "whose abar is nearest A); 0 is GRAFT")
     loss: str = arg("bridge", "bridge: the bridge loss on kept X_{N_I} (P-GRAFT); x0: the plain "
@@ -94,19 +55,10 @@ class Args(harness.RunArgs):
                                    check=common.pos_int, may_change=True)
 
 
-# Per-task overrides of the defaults above. Samples per round = prompts x M.
-MNIST = dict(prompts=200, rounds=2, sample_steps=100, train_steps=600, batch_size=128, lr=1e-4,
-             ema_decay=0.995, eval_samples=1000, sample_batch=800, lemma_states=16)
-IMAGE = dict(prompts=64, rounds=2, sample_steps=100, train_steps=1000, batch_size=16, lr=2e-5,
-             ema_decay=0.999, eval_samples=256, sample_batch=32, lemma_states=16)
-TASK_DEFAULTS = {
-    "toy2d": dict(prompts=1000, rounds=1, sample_steps=200, train_steps=1000, batch_size=512,
-                  lr=1e-3, ema_decay=0.99, eval_samples=5000, sample_batch=4000, lemma_states=256),
-    "mnist": MNIST, "mnist16": MNIST, "mnist-pairs": MNIST, "mnist-pairs16": MNIST,
-    "celeba": dict(prompts=256, rounds=4, sample_steps=100, train_steps=2000, batch_size=64,
-                   lr=5e-5, ema_decay=0.999, eval_samples=1000, sample_batch=256, lemma_states=16),
-    "celebahq": IMAGE, "church": IMAGE,
-}
+
+# per-task overrides: graft.py's (harness.FINETUNE_DEFAULTS) and the diagnostic's states
+TASK_DEFAULTS = {t: dict(d, lemma_states=256 if t == "toy2d" else 16)
+                 for t, d in harness.FINETUNE_DEFAULTS.items()}
 # fmt: on
 
 

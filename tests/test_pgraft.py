@@ -263,6 +263,7 @@ def test_sweep_writes_table_and_plot(base, tmp_path, capsys):
     # one target per N_I
     assert len(s["tilt_tv_base"]) == 2 and s["tilt_tv_base"][0] != s["tilt_tv_base"][1]
     # a list is the sweep's, not pgraft.py's; a repeated N_I is refused before any run
+    capsys.readouterr()
     assert "experiments.pgraft_sweep" in exits_2(
         pgraft.main, ["--base", base, "--n-i", "0,0.5", "--out", str(tmp_path / "l")], capsys
     )
