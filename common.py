@@ -49,8 +49,28 @@ class Interrupted(Exception):
 
 # ---------------------------------------------------------------- errors and exit codes ----
 def fail(msg):
-    print(f"error: {msg}", file=sys.stderr)
+    """One ``error:`` line (by rank 0 only under torchrun) and exit 2."""
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        print(f"error: {msg}", file=sys.stderr)
     raise SystemExit(2)
+
+
+class writing:
+    """Around a write of ``path``: an OSError names the path, and torch.save's opaque failure
+    (a full disk, a file-size limit) becomes an OSError naming it."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb):
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = self.path
+        if isinstance(e, RuntimeError) and ("inline_container" in str(e) or "write" in str(e)):
+            raise OSError(5, f"the write failed ({str(e).strip()[:80]})", self.path) from None
+        return False
 
 
 def run_main(main):
@@ -66,6 +86,9 @@ def run_main(main):
     except Interrupted as e:
         print(f"stopped: {e}", file=sys.stderr)
         raise SystemExit(e.code) from None
+    except OSError as e:
+        # read-only, full, too large, denied: one line naming the path
+        fail(os_error(e))
     except KeyboardInterrupt:
         print(
             "stopped: interrupted (Ctrl-C); rerun the same command with --resume to continue from "
@@ -75,6 +98,7 @@ def run_main(main):
         )
         raise SystemExit(130) from None
     finally:
+        release_locks()
         if "torch.distributed" in sys.modules:
             import torch.distributed as dist
 
@@ -211,7 +235,7 @@ def add_run_args(p, task="toy2d"):
     p.add_argument("--out", default=None, help="output folder (None: runs/<script>/<task>...)")
     p.add_argument(
         "--seed",
-        type=nonneg_int,
+        type=seed_int,
         default=0,
         help="seed of every random draw (data order, noise, init)",
     )
@@ -378,6 +402,17 @@ class Dist:
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
 
+    def gather_objects(self, obj):
+        """Every rank's picklable ``obj`` in rank order, on every rank (a list of one without
+        torchrun)."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
     def barrier(self):
         if self.world > 1:
             import torch.distributed as dist
@@ -432,7 +467,7 @@ def strict(obj):
 
 def atomic_json(path, obj):
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
+    with writing(path), open(tmp, "w") as f:
         json.dump(strict(obj), f, indent=2, allow_nan=False)
     os.replace(tmp, path)
 
@@ -441,7 +476,8 @@ def atomic_save(obj, path):
     """torch.save through a temporary file and os.replace: never a half-written file in place."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        torch.save(obj, tmp)
+        with writing(path):
+            torch.save(obj, tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -462,6 +498,184 @@ def check_fresh(out, resume, names=RUN_FILES):
         )
 
 
+# ---------------------------------------------------------------- owners and writers ----
+OWNER_FILE, LOCK_FILE = "run.json", ".lock"
+
+
+def read_json(path, what):
+    """A run's JSON side file, or one ``error:`` line naming it when it is unreadable."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{what} {path} is unreadable ({type(e).__name__}: {str(e)[:80]}); "
+                         f"repair or delete it, or pass another --out") from None
+
+
+def check_owner(out, script, kind, fields, files):
+    """Refuse a folder that another script, or another kind of run (task, model), made: OUT/run.json
+    names its maker; a folder without one whose args.json has another script's flags, or that holds
+    run files (``files``) no run recorded, is refused too. Nothing is written."""
+    rec = os.path.join(out, OWNER_FILE)
+    if os.path.isfile(rec):
+        owner = read_json(rec, "the run record")
+        made = (owner.get("script"), owner.get("kind")) if isinstance(owner, dict) else (None, None)
+        if made != (script, kind):
+            raise UsageError(f"--out {out} holds a run of {made[0]}.py ({made[1]}), not of "
+                             f"{script}.py ({kind}); pass another --out")
+        return
+    old = os.path.join(out, "args.json")
+    if os.path.isfile(old):
+        keys = read_json(old, "the run's flags")
+        if not isinstance(keys, dict) or set(fields) - set(keys) or set(keys) - set(fields):
+            raise UsageError(f"--out {out} holds another script's run (its args.json has other "
+                             f"flags than {script}.py's); pass another --out")
+        return
+    found = [n for n in files if os.path.exists(os.path.join(out, n))]
+    if found:
+        raise UsageError(f"--out {out} holds {', '.join(found)} that no run of {script}.py "
+                         f"recorded; pass another --out (or move those files)")
+
+
+def _alive(pid):
+    """Whether process ``pid`` runs (a zombie, killed but not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+_HELD = {}  # the folder locks this process holds: path -> its content
+
+
+def _unlock(path, me):
+    _HELD.pop(path, None)
+    try:
+        with open(path) as f:
+            if f.read() == me:
+                os.remove(path)
+    except OSError:
+        pass
+
+
+def release_locks():
+    """Give up this process's folder locks (a run's end; also at exit)."""
+    for path, me in list(_HELD.items()):
+        _unlock(path, me)
+
+
+def lock_folder(out):
+    """One writer per folder: OUT/.lock holds the writer's PID (removed at exit). A lock of a
+    running process is refused; one whose process is gone (killed) is taken over, saying so."""
+    import atexit
+    import socket
+
+    os.makedirs(out, exist_ok=True)
+    path, me = os.path.join(out, LOCK_FILE), f"{os.getpid()} {socket.gethostname()}\n"
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    owner = f.read()
+            except FileNotFoundError:
+                continue
+            pid, _, host = owner.strip().partition(" ")
+            pid = int(pid) if pid.isdigit() else None
+            if owner == me:
+                return path
+            if pid is not None and (host != socket.gethostname() or _alive(pid)):
+                raise UsageError(f"--out {out} is in use by process {pid} on {host} ({path}); "
+                                 f"wait for it to end, or pass another --out")
+            print(f"--out {out}: taking over the stale lock {path} of process {pid or '?'}, which "
+                  f"is no longer running")
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        if not _HELD:
+            atexit.register(release_locks)
+        _HELD[path] = me
+        return path
+    raise UsageError(f"--out {out}: could not take the lock {path}; another process contends "
+                     f"for it")
+
+
+def memory_bytes(device):
+    """The memory of ``device``: the GPU's, or the machine's for the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+# the fewest float32 copies of a batch (or of a set of samples) that a run holds at once
+BATCH_COPIES, SAMPLE_COPIES = 8, 4
+
+
+def check_sizes(counts, elements, device):
+    """Refuse a batch or sample count whose float32 copies cannot fit the device's memory, before
+    any work: ``counts`` = {flag: (count, copies)}, ``elements`` = numbers per sample."""
+    total = memory_bytes(device)
+    for flag, (n, copies) in counts.items():
+        need = n * elements * 4 * copies
+        if need > total:
+            raise UsageError(
+                f"{flag} {n}: {n:.3g} samples of {elements} numbers need at least "
+                f"{need / 2**30:.3g} GiB ({copies} float32 copies), more than the "
+                f"{total / 2**30:.3g} GiB of {device}; use a smaller {flag}")
+
+
+def os_error(e):
+    """An OSError as one line naming the path (read-only, no space, file too large, denied)."""
+    path = e.filename if e.filename is not None else "?"
+    what = e.strerror or str(e)
+    return (f"cannot write or read {path}: {what}; free space, fix its permissions or pass "
+            f"another path (the last checkpoint is kept)")
+
+
+def _row_key(row):
+    """A logged row without its timings (``time_s``, ``*_s``, ``seconds``): what a rerun repeats."""
+    return json.dumps({k: v for k, v in row.items() if not (k.endswith("_s") or "second" in k)},
+                      sort_keys=True)
+
+
+def read_rows(path):
+    """The rows of a metrics.jsonl as (line, dict): a torn last line (a kill mid-append) is dropped
+    with a line saying so; a damaged earlier line is one ``error:`` line."""
+    try:
+        with open(path) as f:
+            lines = [ln if ln.endswith("\n") else ln + "\n" for ln in f if ln.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path} is unreadable ({type(e).__name__}); repair or delete it, or "
+                         f"pass another --out") from None
+    rows = []
+    for i, ln in enumerate(lines):
+        try:
+            row = json.loads(ln)
+            if not isinstance(row, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            if i + 1 == len(lines):
+                print(f"{path}: dropping its torn last line {i + 1} (a write cut short): "
+                      f"{ln.strip()[:60]!r}")
+                break
+            raise UsageError(f"{path} line {i + 1} is not a JSON row ({ln.strip()[:60]!r}); "
+                             f"repair or delete that line, or pass another --out") from None
+        rows.append((ln, row))
+    return rows
+
+
 class RunLog:
     """OUT/args.json at start, OUT/metrics.jsonl one line per log call, OUT/summary.json at the end.
 
@@ -472,22 +686,24 @@ class RunLog:
 
     def __init__(self, out, args, resumed_at=None, run_files=RUN_FILES, write=True):
         check_fresh(out, getattr(args, "resume", False), run_files)
-        self.out, self.write, self.t0 = out, write, time.time()
+        self.out, self.write, self.t0, self.seen = out, write, time.time(), set()
         if not write:  # a torchrun rank other than 0: same calls, nothing written
             return
+        # the rows kept on resume are read (a torn one dropped) before anything is written
+        path, keep = self.path("metrics.jsonl"), None
+        if resumed_at is not None and os.path.exists(path):
+            key, value = resumed_at
+            keep = [ln for ln, row in read_rows(path) if row.get(key, -1) <= value]
+            # rows a resumed phase logs again (identical but for timings) are not repeated
+            self.seen = {_row_key(json.loads(ln)) for ln in keep}
         os.makedirs(out, exist_ok=True)
         for name in os.listdir(out):  # temporary files of writers that were killed mid-write
             if ".tmp." in name and os.path.isfile(os.path.join(out, name)):
                 os.remove(os.path.join(out, name))
         atomic_json(self.path("args.json"), vars(args))
-        path = self.path("metrics.jsonl")
         if resumed_at is None and os.path.exists(path):
             os.replace(path, self.path("metrics.prev.jsonl"))
-        elif resumed_at is not None and os.path.exists(path):
-            key, value = resumed_at
-            with open(path) as f:
-                rows = [ln for ln in f if ln.strip()]
-            keep = [ln for ln in rows if json.loads(ln).get(key, -1) <= value]
+        elif keep is not None:
             with open(f"{path}.tmp.{os.getpid()}", "w") as f:
                 f.writelines(keep)
             os.replace(f"{path}.tmp.{os.getpid()}", path)
@@ -496,16 +712,17 @@ class RunLog:
         return os.path.join(self.out, name)
 
     def log(self, **row):
-        if not self.write:
+        if not self.write or _row_key(strict(row)) in self.seen:
             return
         row = {"time_s": round(time.time() - self.t0, 2), **row}
-        with open(self.path("metrics.jsonl"), "a") as f:
+        with writing(self.path("metrics.jsonl")), open(self.path("metrics.jsonl"), "a") as f:
             f.write(json.dumps(strict(row), allow_nan=False) + "\n")
 
     def summary(self, **summary):
         summary = strict({"wall_time_s": round(time.time() - self.t0, 1), **summary})
         if self.write:
             atomic_json(self.path("summary.json"), summary)
+            release_locks()
         return summary
 
 
@@ -583,9 +800,11 @@ def check_loss(losses, step, lr, flag="--lr", dist=None):
     mean = (dist.mean(mean) if dist is not None else mean).item()
     if not math.isfinite(mean) or mean > LOSS_LIMIT:
         raise Diverged(
-            f"training diverged by step {step} (mean loss {mean:.4g}); the learning rate {flag} "
-            f"{lr:g} "
-            f"is likely too high: lower it. The last good checkpoint was kept"
+            f"training diverged by step {step} (mean loss {mean:.4g}); "
+            + (f"the learning rate {flag} {lr:g} is likely too high: lower it"
+               if not flag.startswith("--kl-coef") else
+               f"the KL weight {flag} {lr:g} is likely too high: lower --kl-coef first")
+            + ". The last good checkpoint was kept"
         )
     return mean
 
@@ -728,6 +947,10 @@ def load_base(path, device, task=None):
             raise UsageError(
                 f"{path} is a model of task {made_for or '?'} ({cfg.get('kind')} network), not of "
                 f"{task.name}; pass --task {made_for or '...'} or a {task.name} base"
+                if made_for not in (None, task.name) else
+                f"{path} holds a {cfg.get('kind')} network with {cfg.get('in_ch', cfg.get('dim'))} "
+                f"inputs, which does not fit task {task.name} ({task.kind} of shape "
+                f"{tuple(task.shape())}); pass a base pretrained on {task.name}"
             )
     model, process = model_from_checkpoint(ckpt, device)
     return model.requires_grad_(False), process, ckpt

@@ -167,6 +167,31 @@ def refuse(msg):
     raise UsageError(msg)
 
 
+def check_flags(args, script, device, main):
+    """The checks every script's flags get before any work (no silent fallback, no size beyond
+    the device's memory); returns the run's kind (task and model) that OUT/run.json records."""
+    task = TASKS[args.task]
+    if args.data_dir is not None and not os.path.isdir(args.data_dir):
+        refuse(f"--data-dir {args.data_dir!r} is not a folder; pass the folder that holds the "
+               f"{task.name} data, or leave --data-dir out for the task's default")
+    if getattr(args, "classifier", None) and task.kind == "points":
+        refuse(f"--classifier: the {task.name} rewards are analytic and use no classifier; "
+               f"drop --classifier")
+    for flag in ("bf16", "compile"):
+        if getattr(args, flag, False) and device.type != "cuda" and main:
+            print(f"note: --{flag} does nothing on {device} (CUDA only); running without it")
+    per = math.prod(task.shape())
+    counts = {f"--{k.replace('_', '-')}": (getattr(args, k), c) for k, c in
+              (("batch_size", common.BATCH_COPIES), ("sample_batch", common.BATCH_COPIES),
+               ("eval_samples", common.SAMPLE_COPIES), ("fid_samples", common.SAMPLE_COPIES),
+               ("invert_samples", common.SAMPLE_COPIES))
+              if isinstance(getattr(args, k, None), int)}
+    if isinstance(getattr(args, "M", None), int) and hasattr(args, "prompts"):
+        counts["--prompts x --M"] = (args.prompts * args.M, common.SAMPLE_COPIES)
+    common.check_sizes(counts, per, device)
+    return " ".join(str(getattr(args, k)) for k in ("task", "model") if hasattr(args, k))
+
+
 # ---------------------------------------------------------------- the run ----
 class Run:
     """One run of a script: its device and torchrun rank, its --out folder, resume, stop signals,
@@ -187,6 +212,9 @@ class Run:
             refuse("--out is empty; pass a folder path")
         common.check_out(args.out)
         self.run_files = ("summary.json", ckpt)
+        self.kind = check_flags(args, script, self.device, self.main)
+        common.check_owner(args.out, script, self.kind, [f.name for f in dataclasses.fields(args)],
+                           ("metrics.jsonl",) + self.run_files)
         if refuse_held:
             common.check_fresh(args.out, args.resume, self.run_files)
         self.out, self.ckpt_path = args.out, os.path.join(args.out, ckpt)
@@ -199,6 +227,11 @@ class Run:
         # that ``evaluate`` makes (its Inception network loads once)
         self.ppo_window, self.fid = [], None
         self.resumed, self.stopping = None, False
+        # what this rank did, for summary.json's "torchrun" (``shares``): the samples it drew as
+        # [noise seed, first, end) per run of batches, and the rows the network being trained ran
+        # forward on with gradients (``watch``): their count and the float64 sum of their squared
+        # inputs (on the device, read once at the end)
+        self.sampled, self.trained_rows, self.trained_sq, self.watched = [], 0, None, None
 
     def path(self, name):
         return os.path.join(self.out, name)
@@ -207,6 +240,7 @@ class Run:
         """``begin``'s first half, for a script that needs the restored state before anything is
         written (a dry run, reading the first batch): under --resume, check OUT/ckpt.pt against
         the flags and restore it, with the unlogged losses ``save`` kept. Returns (done, saved)."""
+        self.watch(model)
         ckpt = common.load_resume(self.ckpt_path, self.args, may_change(type(self.args)))
         done, saved = 0, {}
         if ckpt is not None:
@@ -227,8 +261,20 @@ class Run:
         if self.resumed is None:
             self.resume(model=model, ema=ema, opt=opt)
         done, saved, resumed = self.resumed
+        # one writer per folder (rank 0 locks; every rank stops when it cannot)
+        why = None
+        if self.main:
+            try:
+                common.lock_folder(self.out)
+            except UsageError as e:
+                why = str(e)
+        if self.dist.any(why is not None):
+            refuse(why or "rank 0 could not lock --out")
         self.log = common.RunLog(self.out, self.args, write=self.main, run_files=self.run_files,
                                  resumed_at=(self.unit, done) if resumed else None)
+        if self.main:
+            common.atomic_json(self.path(common.OWNER_FILE), dict(script=self.script,
+                                                                  kind=self.kind))
         common.print_derived(title or f"{self.script} on {self.args.task}", device=self.device,
                              **settings, out=self.out)
         return done, saved
@@ -247,6 +293,7 @@ class Run:
     def restore(self, *, model, ema, opt):
         """The checkpoint ``check_resume`` kept, put back: weights, EMA, optimiser, RNG and the
         losses not yet logged. Returns (done, saved) ((0, {}) when there is none)."""
+        self.watch(model)
         if self.ckpt is None:
             return 0, {}
         done, saved = common.restore(self.ckpt, model, ema, opt)
@@ -286,6 +333,37 @@ class Run:
         return dict(dry_run=True, seconds_per_step=per_step, estimated_minutes=per_step * left / 60,
                     train_steps=steps)
 
+    # ---- what each rank did: summary.json's "torchrun" (a user checks that P ranks split the work)
+    def watch(self, model):
+        """Count the rows that ``model``, the network being trained (``resume`` and ``restore``
+        call this), runs forward on with gradients on: this rank's share of the training, whatever
+        splits the batch (Run.rows, a script's own split)."""
+        if model is None or self.watched is model:
+            return
+        self.watched = model
+        model.register_forward_pre_hook(self._count_rows, with_kwargs=True)
+
+    @torch.compiler.disable
+    def _count_rows(self, module, args, kwargs):
+        if not torch.is_grad_enabled():
+            return
+        x = (args[0] if args else kwargs["x"]).detach()
+        self.trained_rows += x.shape[0]
+        sq = x.double().pow(2).sum()
+        self.trained_sq = sq if self.trained_sq is None else self.trained_sq + sq
+
+    def shares(self):
+        """Every rank's share of the work since this process started (a collective: every rank
+        calls it; ``finish`` does): dict(world, ranks=[per rank: rank, sampled (samples drawn),
+        sampled_ranges ([noise seed, first, end) per run of batches), trained_rows (rows the
+        trained network ran forward on), trained_sq (float64 sum of those inputs squared)]). With
+        the work split and none repeated, the ranks' ranges are disjoint and their union, rows and
+        sums are one process's."""
+        mine = dict(rank=self.dist.rank, sampled=sum(hi - lo for _, lo, hi in self.sampled),
+                    sampled_ranges=self.sampled, trained_rows=self.trained_rows,
+                    trained_sq=0.0 if self.trained_sq is None else self.trained_sq.item())
+        return dict(world=self.dist.world, ranks=self.dist.gather_objects(mine))
+
     def stop_signals(self):
         """The scope in which SIGTERM / Ctrl-C only set a flag that ``step`` acts on."""
         self.stop = common.StopSignals()
@@ -306,7 +384,11 @@ class Run:
             self.ppo_window.append((approx_kl.detach(), clipfrac.detach()))
         at = {} if round is None else {"round": round}
         if step % LOG_EVERY == 0 or step == steps:
-            self.loss = common.check_loss(self.window, step, self.args.lr, dist=self.dist)
+            # a KL term in the loss (ddpo.py's --kl-coef) is named as the likelier cause
+            kl = getattr(self.args, "kl_coef", 0) or 0
+            flag = f"--kl-coef {kl:g} or --lr" if kl > 0 else "--lr"
+            self.loss = common.check_loss(self.window, step, self.args.lr, flag=flag,
+                                          dist=self.dist)
             ppo = {}
             if self.ppo_window:
                 kls, clips = zip(*self.ppo_window)
@@ -329,11 +411,12 @@ class Run:
                            f"continues after round {(round or 1) - 1}")
         return self.loss
 
-    def halt(self, step, *, resume_hint):
+    def halt(self, step, *, resume_hint, where=None):
         """Exit with 128 + the signal's number once ``step(..., stop=False)`` saw a stop signal
-        (on any rank) and the script saved what it keeps."""
+        (on any rank) and the script saved what it keeps; ``where`` (None: "at <unit> <step>")
+        says where in the message."""
         self.stop.requested = self.stop.requested or "SIGTERM"
-        self.stop.stop(f"at {self.unit} {step}", resume_hint)
+        self.stop.stop(where or f"at {self.unit} {step}", resume_hint)
 
     def save(self, step, *, model, process, ema, opt, extra):
         """OUT/ckpt.pt at ``step`` (rank 0 writes): weights, EMA, optimiser, RNG, ``extra`` and the
@@ -343,8 +426,9 @@ class Run:
         if self.main:
             window = torch.stack(self.window).cpu() if self.window else torch.zeros(0)
             last = self.loss if math.isfinite(self.loss) else None
-            save_checkpoint(self.ckpt_path, model, process, ema, opt, step, self.args,
-                            extra=dict(extra, last_loss=last, loss_window=window))
+            with common.writing(self.ckpt_path):
+                save_checkpoint(self.ckpt_path, model, process, ema, opt, step, self.args,
+                                extra=dict(extra, last_loss=last, loss_window=window))
 
     def end_round(self, rnd, *, model, process, ema, opt, extra, row, pool=None, pictures=None):
         """A round's end: log ``row``, save the pool of accepted samples and then the checkpoint
@@ -357,7 +441,8 @@ class Run:
         if pool is not None:
             common.atomic_save(pool, self.path(f"pool_round{rnd}.pt"))
             extra = dict(extra, pool=f"pool_round{rnd}.pt")
-        save_checkpoint(self.ckpt_path, model, process, ema, opt, rnd, self.args, extra=extra)
+        with common.writing(self.ckpt_path):
+            save_checkpoint(self.ckpt_path, model, process, ema, opt, rnd, self.args, extra=extra)
         if pool is not None and os.path.exists(self.path(f"pool_round{rnd - 1}.pt")):
             os.remove(self.path(f"pool_round{rnd - 1}.pt"))
         if pictures is not None:
@@ -371,8 +456,10 @@ class Run:
 
     def finish(self, *, shown=None, **summary):
         """OUT/summary.json (strict JSON) and the closing line, which shows the ``shown`` keys
-        (None: common.DONE_KEYS). ``checkpoint`` is added last unless the summary places it."""
-        summary = self.log.summary(**dict(summary, checkpoint=self.ckpt_path))
+        (None: common.DONE_KEYS), and ``torchrun``: what each rank did (``shares``; every rank
+        calls ``finish``). ``checkpoint`` is added last unless the summary places it."""
+        summary = self.log.summary(**dict(summary, torchrun=self.shares(),
+                                          checkpoint=self.ckpt_path))
         common.print_done(summary, self.out, keys=shown)
         return summary
 
@@ -386,6 +473,12 @@ class Run:
         for i in common.progress(starts[lo:hi], "sample"):
             gen = common.generator(seed * 100_003 + i // batch, self.device)
             b = min(batch, n - i)
+            # this rank's samples: one [seed, first, end) per run of consecutive batches
+            last = self.sampled[-1] if self.sampled else None
+            if last is not None and last[0] == seed and last[2] == i:
+                last[2] = i + b
+            else:
+                self.sampled.append([seed, i, i + b])
             z = torch.randn((b, *shape), generator=gen, device=self.device)
             yield z, (y[i : i + b] if y is not None else None), gen
 

@@ -11,7 +11,6 @@
 """
 
 import hashlib
-import inspect
 import json
 import os
 import shutil
@@ -41,7 +40,7 @@ CUDA = torch.cuda.is_available()
 try:  # inverse_noise.py is being rewritten: its cases run once it has the new flag names
     import inverse_noise
 
-    INV_READY = "--invert-samples" in inspect.getsource(inverse_noise.get_args)
+    INV_READY = "invert_samples" in inverse_noise.Args.__dataclass_fields__
 except Exception:  # noqa: BLE001 - a half-rewritten file must not break the other scripts' tests
     inverse_noise, INV_READY = None, False
 needs_inv = pytest.mark.skipif(not INV_READY, reason="inverse_noise.py lacks its new flags")
@@ -693,3 +692,180 @@ def test_every_json_file_of_finished_runs_is_strict(runs):
     assert (runs.pgraft / "lemma43.json").exists()
     with pytest.raises(ValueError, match="NaN"):
         strict_json('{"loss": NaN}')
+
+
+# ---------------------------------------------------------------- issue 18 ----
+# 6. run folders know their owner (OUT/run.json), one writer per folder (OUT/.lock);
+# 7. no silent fallback (empty --out, missing --data-dir, --bf16 on a CPU, --classifier on toy2d);
+# 8. a torn metrics.jsonl line is dropped, nothing is rewritten before the checks, a resumed phase
+#    row is not repeated; 9. OS errors are one error: line naming the path; 10. sizes (seeds,
+#    counts against memory); 11. under torchrun one error line; 12. messages name the cause.
+TINY_PRE = ["--train-steps", "20", "--eval-samples", "50"]
+
+
+def _run_cmd(args, timeout=300, **kw):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=ENV, **kw)
+
+
+def test_run_folder_knows_its_owner(tmp_path, capsys):
+    out = tmp_path / "pre"
+    capsys.readouterr()
+    _pretrain(out, *TINY_PRE, "--bf16")
+    said = capsys.readouterr().out
+    # --bf16 on a CPU is said, not ignored
+    assert "note: --bf16 does nothing on cpu" in said
+    owner = json.loads((out / "run.json").read_text())
+    assert owner == {"script": "pretrain", "kind": "toy2d ddpm"}
+    assert not (out / ".lock").exists()
+    before = tree_hash(out)
+    # another script's --resume into this folder
+    err = exits_2(graft.main, [*TINY, "--out", str(out), "--resume", "--base",
+                               str(out / "ckpt.pt")], capsys)
+    assert "holds a run of pretrain.py (toy2d ddpm), not of graft.py" in err
+    # the same script, another kind (a flow into a DDPM's folder)
+    err = exits_2(pretrain.main, [*TINY_PRE, "--device", "cpu", "--model", "flow", "--out",
+                                  str(out), "--resume"], capsys)
+    assert "not of pretrain.py (toy2d flow)" in err
+    # the classifier's --out on an existing checkpoint, and an empty --out
+    err = exits_2(classifier_cli.main, ["--out", str(out / "ckpt.pt"), "--device", "cpu"], capsys)
+    assert "exists (a mlp checkpoint of task toy2d)" in err
+    err = exits_2(classifier_cli.main, ["--out", "", "--device", "cpu"], capsys)
+    assert "--out is empty" in err
+    # a folder without run.json holding files no run recorded
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "metrics.jsonl").write_text('{"mine": 1}\n')
+    err = exits_2(pretrain.main, [*TINY_PRE, "--device", "cpu", "--out", str(stray)], capsys)
+    assert "no run of pretrain.py recorded" in err
+    assert tree_hash(out) == before and (stray / "metrics.jsonl").read_text() == '{"mine": 1}\n'
+
+
+def test_one_writer_per_folder_and_stale_lock_taken_over(tmp_path):
+    """Real processes: a live lock holder refuses a second writer; a killed one's lock is taken
+    over with a line saying so."""
+    out = tmp_path / "locked"
+    out.mkdir()
+    holder = subprocess.Popen(["sleep", "300"])
+    try:
+        (out / ".lock").write_text(f"{holder.pid} {__import__('socket').gethostname()}\n")
+        cmd = ["pretrain.py", *TINY_PRE, "--device", "cpu", "--out", str(out)]
+        p = _run_cmd(cmd)
+        assert p.returncode == 2, p.stderr
+        assert p.stderr.strip() == (f"error: --out {out} is in use by process {holder.pid} on "
+                                    f"{__import__('socket').gethostname()} ({out / '.lock'}); "
+                                    f"wait for it to end, or pass another --out")
+        assert sorted(os.listdir(out)) == [".lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    p = _run_cmd(cmd)
+    assert p.returncode == 0, p.stderr
+    assert f"taking over the stale lock {out / '.lock'} of process {holder.pid}" in p.stdout
+    assert not (out / ".lock").exists() and (out / "summary.json").exists()
+
+
+def test_no_silent_fallbacks(tmp_path, capsys):
+    err = exits_2(pretrain.main, [*TINY_PRE, "--device", "cpu", "--task", "mnist16", "--data-dir",
+                                  str(tmp_path / "absent"), "--out", str(tmp_path / "a")], capsys)
+    assert "--data-dir" in err and "is not a folder" in err
+    err = exits_2(graft.main, [*TINY, "--classifier", str(tmp_path / "c.pt"), "--out",
+                               str(tmp_path / "b")], capsys)
+    assert "--classifier: the toy2d rewards are analytic" in err
+    err = exits_2(graft.main, [*TINY, "--out", ""], capsys)
+    assert "--out is empty" in err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_torn_metrics_line_dropped_nothing_rewritten_first(tmp_path, capsys):
+    out = tmp_path / "pre"
+    _pretrain(out, *TINY_PRE, "--ckpt-every", "10")
+    rows = (out / "metrics.jsonl").read_text()
+    args_json = (out / "args.json").read_bytes()
+    # a damaged middle line: one error: line, args.json and the log untouched
+    (out / "metrics.jsonl").write_text('{"step": 1, "lo\n' + rows)
+    err = exits_2(pretrain.main, [*TINY_PRE, "--ckpt-every", "10", "--device", "cpu", "--out",
+                                  str(out), "--resume", "--batch-size", "64"], capsys)
+    assert "metrics.jsonl line 1 is not a JSON row" in err
+    assert (out / "args.json").read_bytes() == args_json
+    # a torn last line (a kill mid-append): dropped with a line saying so, the run resumes
+    (out / "metrics.jsonl").write_text(rows + '{"step": 30, "lo')
+    capsys.readouterr()
+    _pretrain(out, *TINY_PRE, "--ckpt-every", "10", "--resume")
+    assert "dropping its torn last line" in capsys.readouterr().out
+    kept = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(isinstance(r, dict) for r in kept)
+
+
+def test_resumed_log_does_not_repeat_a_phase_row(tmp_path):
+    args = types.SimpleNamespace(resume=False)
+    log = common.RunLog(str(tmp_path), args)
+    log.log(phase="gaussianity", mean=0.5, seconds=1.0)
+    log.log(step=5, loss=1.0)
+    log.log(step=10, loss=0.9)
+    args.resume = True
+    log = common.RunLog(str(tmp_path), args, resumed_at=("step", 5))
+    log.log(phase="gaussianity", mean=0.5, seconds=2.0)
+    log.log(step=10, loss=0.9)
+    rows = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("phase", r.get("step")) for r in rows] == ["gaussianity", 5, 10]
+
+
+def test_os_error_is_one_line_naming_the_path(tmp_path):
+    """A real process under a 64 KB file-size limit: the checkpoint cannot be written."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64_000, 64_000))
+
+    out = tmp_path / "full"
+    p = _run_cmd(["pretrain.py", *TINY_PRE, "--device", "cpu", "--out", str(out)],
+                 preexec_fn=limit)
+    err = p.stderr.strip()
+    assert p.returncode == 2, err
+    assert err.startswith(f"error: cannot write or read {out / 'ckpt.pt'}: ") and "\n" not in err
+    assert not (out / "ckpt.pt").exists()
+
+
+def test_sizes_checked_before_work(tmp_path, capsys):
+    for flags, word in [(["--seed", str(2**63)], "must be <= 9223372036854775807"),
+                        (["--batch-size", str(10**11)], "more than the"),
+                        (["--eval-samples", str(10**12)], "use a smaller --eval-samples")]:
+        err = exits_2(pretrain.main, [*TINY_PRE, "--device", "cpu", "--out",
+                                      str(tmp_path / "s"), *flags], capsys)
+        assert word in err, err
+    err = exits_2(graft.main, [*TINY, "--M", str(10**9), "--out", str(tmp_path / "s")], capsys)
+    assert "--prompts x --M" in err
+    err = exits_2(classifier_cli.main, ["--seed", str(2**64), "--out", str(tmp_path / "c.pt")],
+                  capsys)
+    assert "[0, 2^63)" in err
+    assert not (tmp_path / "s").exists()
+
+
+def test_torchrun_usage_error_printed_once_every_rank_exits_2(tmp_path):
+    p = _run_cmd(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                  "pretrain.py", "--seed", str(2**64), "--device", "cpu", "--out",
+                  str(tmp_path / "t")])
+    assert p.returncode != 0
+    assert p.stderr.count("error: argument --seed") == 1, p.stderr
+    assert "exitcode  : 2" in p.stderr and "exitcode  : 1" not in p.stderr
+
+
+def test_messages_name_the_real_cause(tmp_path):
+    import ddpo
+    import harness
+    from models import save_checkpoint
+    from tasks import get_task
+
+    args, _ = harness.parse(ddpo.Args, ["--kl-coef", "1000", "--device", "cpu", "--out",
+                                        str(tmp_path / "d")])
+    run = harness.Run(args, script="ddpo", out=None)
+    run.log = types.SimpleNamespace(log=lambda **row: None)
+    with pytest.raises(common.Diverged, match="KL weight --kl-coef 1000 or --lr"):
+        run.step(torch.tensor(1e6), step=100, steps=200, model=None, lr=args.lr)
+    # a UNet saved for toy2d: its own task, a network that does not fit it
+    net = common.build_network(get_task("mnist16"), "ddpm")
+    save_checkpoint(str(tmp_path / "u.pt"), net, step=1, args=dict(task="toy2d"))
+    with pytest.raises(common.UsageError) as e:
+        common.load_base(str(tmp_path / "u.pt"), "cpu", task=get_task("toy2d"))
+    assert "not of toy2d" not in str(e.value) and "does not fit task toy2d" in str(e.value)
