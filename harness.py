@@ -19,7 +19,6 @@ Nothing here is an algorithm of the paper, and nothing calls back into a script.
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import time
@@ -547,8 +546,10 @@ class ChunkCache:
         self.count, self.computed, self.parts, self.fresh = math.ceil(n / size), 0, [], None
         path = os.path.join(folder, "meta.json")
         if os.path.isfile(path):
-            with open(path) as f:
-                old = json.load(f)
+            # an edited or torn meta.json is one error: line, not a traceback
+            old = common.read_json(path, f"the settings of the {what}")
+            if not isinstance(old, dict):
+                refuse(f"{path} is not a JSON object; delete {folder} to recompute the {what}")
             diff = ", ".join(f"{k}: {old.get(k)} -> {v}" for k, v in meta.items()
                              if old.get(k) != v)
             if diff:

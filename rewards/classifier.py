@@ -121,9 +121,13 @@ def train_classifier(
     device="cpu",
     seed=0,
     heldout_limit=None,
+    part=None,
+    model=None,
 ):
     """Train the task's reward classifier on its train split; returns the saved checkpoint's
-    summary."""
+    summary. ``part`` 0 or 1: only the first or the second half of the split (the benchmark trains
+    the reward classifier on one half and the network of its FID features on the other);
+    ``model``: another network to train in place of ``Classifier`` (its ``config`` is saved)."""
     if task_name not in SETTINGS:
         raise UsageError(
             f"no reward classifier for task {task_name!r}; choose from {', '.join(SETTINGS)}"
@@ -138,9 +142,14 @@ def train_classifier(
     heldout = task.dataset(s["heldout"], data_dir)
     multilabel = task_name == "celeba"
     attr_names = list(getattr(data, "attr_names", []))
-    model = Classifier(task.channels, task.image_size, s["outputs"], s["width"]).to(device)
+    if part is not None:
+        data = half_of(data, part)
+    if model is None:
+        model = Classifier(task.channels, task.image_size, s["outputs"], s["width"])
+    model = model.to(device)
+    label = "reward classifier" if model.config["kind"] == "classifier" else model.config["kind"]
     print(
-        f"== reward classifier for {task_name}: device {device}, "
+        f"== {label} for {task_name}: device {device}, "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.3f}M parameters, "
         f"{len(data)} train examples, "
         f"held-out {s['heldout']} ({len(heldout)}), {steps} steps of batch {batch_size} "
@@ -184,6 +193,7 @@ def train_classifier(
     )
     info = dict(
         task=task_name,
+        part=part,
         accuracy=acc,
         heldout_split=s["heldout"],
         heldout_n=n,
@@ -200,6 +210,17 @@ def train_classifier(
     )
     print(f"wrote {out}")
     return info
+
+
+def half_of(data, part):
+    """The first (``part`` 0) or second (1) half of a dataset, by index."""
+    if part not in (0, 1):
+        raise UsageError(f"part {part!r}: 0 (first half) or 1 (second half)")
+    n = len(data)
+    lo, hi = (0, n // 2) if part == 0 else (n // 2, n)
+    if hasattr(data, "tensors"):
+        return torch.utils.data.TensorDataset(*(t[lo:hi] for t in data.tensors))
+    return torch.utils.data.Subset(data, range(lo, hi))
 
 
 def load_classifier(task_name, device="cpu", path=None, data_dir=None, train_if_missing=True):
@@ -224,8 +245,9 @@ def load_classifier(task_name, device="cpu", path=None, data_dir=None, train_if_
     info = ckpt.get("extra") or {}
     if cfg.pop("kind", None) != "classifier" or info.get("task") != task_name:
         raise CheckpointError(
-            f"{path} is not a {task_name} reward classifier; retrain it with "
-            f"`python -m rewards.classifier --task {task_name} --out {path}`"
+            f"{path} is not a {task_name} reward classifier ({_what_is(path)}); train one into a "
+            f"new file with `python -m rewards.classifier --task {task_name} --out NEW.pt` and "
+            f"pass --classifier NEW.pt"
         )
     model = Classifier(**cfg)
     model.load_state_dict(ckpt["model"])
@@ -235,6 +257,8 @@ def load_classifier(task_name, device="cpu", path=None, data_dir=None, train_if_
 class DigitReward(Reward):
     """r = log p(digit | image) from the MNIST classifier; the digit is the condition y (class-
     conditional model) or a fixed ``target`` (unconditional model)."""
+
+    log_prob = True
 
     def __init__(self, device, target=None, data_dir=None, path=None, classifier_task="mnist"):
         self.model, self.info = load_classifier(classifier_task, device, path, data_dir)
@@ -281,6 +305,7 @@ class PairReward(Reward):
 
     uses_conditions = True
     name = "pairs"
+    log_prob = True
 
     def __init__(self, device, data_dir=None, path=None, classifier_task="mnist"):
         self.model, self.info = load_classifier(classifier_task, device, path, data_dir)
@@ -327,6 +352,8 @@ class AttributeReward(Reward):
     attributes are named (``names``: all requested present, or absent when prefixed ``not-``, e.g.
     eyeglasses+smiling+not-male) or are the nonzero entries of the condition vector y in
     {-1, 0, +1}^40 (attribute-conditional model)."""
+
+    log_prob = True
 
     def __init__(self, device, names=None, data_dir=None, path=None):
         self.model, self.info = load_classifier("celeba", device, path, data_dir)
@@ -433,11 +460,20 @@ def main(argv=None):
             raise UsageError(f"--eval-samples must be >= 0 (0: all), got {args.eval_samples}")
         if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
             raise UsageError(f"--lr must be a finite number > 0, got {args.lr}")
+        if args.out is not None and not args.out.strip():
+            raise UsageError("--out is empty; pass a checkpoint file path")
+        if not 0 <= args.seed < 2**63:
+            raise UsageError(f"--seed must be an integer in [0, 2^63), got {args.seed}")
         out = args.out or default_path(args.task)
         if os.path.isdir(out):
             raise UsageError(
                 f"--out {out} is a folder; give the checkpoint's file path, e.g. "
                 f"{out}/classifier.pt"
+            )
+        if os.path.exists(out):
+            # never replace a file (a pretraining checkpoint, an earlier classifier) silently
+            raise UsageError(
+                f"--out {out} exists ({_what_is(out)}); delete it to retrain, or pass a new path"
             )
         if args.device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -465,6 +501,20 @@ def main(argv=None):
         )
     except (DataError, CheckpointError, UsageError) as e:
         _fail(str(e))
+    except OSError as e:
+        _fail(f"cannot write or read {e.filename or args.out}: {e.strerror or e}; free space, "
+              f"fix its permissions or pass another --out")
+
+
+def _what_is(path):
+    """A few words on what checkpoint ``path`` holds."""
+    try:
+        ckpt = load_checkpoint(path)
+    except Exception:  # noqa: BLE001 - any unreadable file is just "not a checkpoint"
+        return "not a checkpoint of this repository"
+    kind = (ckpt.get("model_config") or {}).get("kind", "?")
+    task = (ckpt.get("extra") or {}).get("task") or (ckpt.get("args") or {}).get("task", "?")
+    return f"a {kind} checkpoint of task {task}"
 
 
 def _fail(msg):

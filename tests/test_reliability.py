@@ -8,6 +8,12 @@
 4. SIGTERM saves a checkpoint and exits 143; --resume then ends with the uninterrupted run's
    weights;
 5. every JSON file a run writes is strict JSON (no NaN / Infinity).
+
+Issue #18 (the section at the end): 6. run folders know their owner (OUT/run.json) and the
+classifier never replaces a file; 7. one writer per folder (OUT/.lock, a stale lock taken over);
+8. no silent fallback; 9. a torn metrics.jsonl line dropped, nothing rewritten before the checks, a
+resumed phase row not repeated; 10. OS errors one line naming the path; 11. sizes (seeds, counts
+against memory); 12. torchrun usage errors printed once; 13. messages name the real cause.
 """
 
 import hashlib
