@@ -46,7 +46,8 @@ def main(argv=None):
     args, given = harness.parse(Args, argv, task_defaults=TASK_DEFAULTS, doc=__doc__)
     task = get_task(args.task)
     run = harness.Run(args, script="graft", out=os.path.join("runs", "graft",
-                      f"{task.name}-{args.accept}"), batch_size=args.batch_size)
+                      f"{task.name}-{args.accept}"), batch_size=args.batch_size,
+                      refuse_held=False)
     device = run.device
     eta = common.sampler_eta(args.sampler, args.eta, "eta" in given)
     rule = AcceptRule(args.accept, args.M, args.K, args.tau, args.alpha)
@@ -81,7 +82,7 @@ def main(argv=None):
                                                               conditional, eta, process.N,
                                                               fid_samples, target))
     samples, history = saved.get("samples_generated", 0), saved.get("history", [])
-    pool = run.load_pool(saved) if done else None
+    pool = saved.get("pool")
 
     @torch.no_grad()
     def draw(net, y, n, seed):

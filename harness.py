@@ -226,11 +226,14 @@ class Run:
         # that ``evaluate`` makes (its Inception network loads once)
         self.ppo_window, self.fid = [], None
         self.resumed, self.stopping = None, False
+        # the sampler's ``progress`` over the steps of the batch noise_batches last yielded
+        self.batch_progress = None
         # what this rank did, for summary.json's "torchrun" (``shares``): the samples it drew as
         # [noise seed, first, end) per run of batches, and the rows the network being trained ran
         # forward on with gradients (``watch``): their count and the float64 sum of their squared
         # inputs (on the device, read once at the end)
         self.sampled, self.trained_rows, self.trained_sq, self.watched = [], 0, None, None
+        self.shared = None
 
     def path(self, name):
         return os.path.join(self.out, name)
@@ -354,14 +357,19 @@ class Run:
     def shares(self):
         """Every rank's share of the work since this process started (a collective: every rank
         calls it; ``finish`` does): dict(world, ranks=[per rank: rank, sampled (samples drawn),
-        sampled_ranges ([noise seed, first, end) per run of batches), trained_rows (rows the
-        trained network ran forward on), trained_sq (float64 sum of those inputs squared)]). With
-        the work split and none repeated, the ranks' ranges are disjoint and their union, rows and
-        sums are one process's."""
+        sampled_ranges ([noise seed, first, end) per run of batches), computed_ranges ([what,
+        first, end) per ChunkCache chunk computed here), trained_rows (rows the trained network ran
+        forward on), trained_sq (float64 sum of those inputs squared)]). With the work split and
+        none repeated, the ranks' ranges are disjoint and their union, rows and sums are one
+        process's. Gathered once: a script whose rank 0 works on alone calls it before that."""
+        if self.shared is not None:
+            return self.shared
         mine = dict(rank=self.dist.rank, sampled=sum(hi - lo for _, lo, hi in self.sampled),
-                    sampled_ranges=self.sampled, trained_rows=self.trained_rows,
+                    sampled_ranges=self.sampled, computed_ranges=self.dist.computed,
+                    trained_rows=self.trained_rows,
                     trained_sq=0.0 if self.trained_sq is None else self.trained_sq.item())
-        return dict(world=self.dist.world, ranks=self.dist.gather_objects(mine))
+        self.shared = dict(world=self.dist.world, ranks=self.dist.gather_objects(mine))
+        return self.shared
 
     def stop_signals(self):
         """The scope in which SIGTERM / Ctrl-C only set a flag that ``step`` acts on."""
@@ -470,6 +478,9 @@ class Run:
         starts = range(0, n, batch)
         lo, hi = self.dist.shard(len(starts))
         for i in common.progress(starts[lo:hi], "sample"):
+            # the sampler's steps of this batch: pass progress=run.batch_progress to the sampler
+            self.batch_progress = common.steps_progress(
+                f"sampler steps of sample batch {i // batch + 1}/{len(starts)}")
             gen = common.generator(seed * 100_003 + i // batch, self.device)
             b = min(batch, n - i)
             # this rank's samples: one [seed, first, end) per run of consecutive batches
@@ -511,7 +522,7 @@ class Run:
         for z, yb, gen in self.noise_batches(n, shape=task.shape(), seed=seed, batch=a.sample_batch,
                                              y=y):
             x, _ = process.sample(net, z, y=yb, generator=gen, eta=eta, num_steps=a.sample_steps,
-                                  clip=image, cfg_scale=a.cfg_scale)
+                                  clip=image, cfg_scale=a.cfg_scale, progress=self.batch_progress)
             xs.append(x.clamp(-1, 1) if image else x)
         x = self.gather(xs, shape=task.shape())
         ev = evaluate_samples(x, y, reward, task, a.eval_samples, fid, target, a.sample_batch)
@@ -608,6 +619,7 @@ class ChunkCache:
         """Chunk c on disk: a crash leaves either no chunk or a whole one."""
         common.atomic_save(chunk, self.path(c))
         self.computed += 1
+        self.dist.computed.append([self.what, c * self.size, min(self.n, (c + 1) * self.size)])
         self.fresh = chunk
 
     def gather(self):

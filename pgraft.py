@@ -66,7 +66,8 @@ def main(argv=None):
     args, given = harness.parse(Args, argv, task_defaults=TASK_DEFAULTS, doc=__doc__)
     task = get_task(args.task)
     run = harness.Run(args, script="pgraft", out=os.path.join("runs", "pgraft",
-                      f"{task.name}-{args.accept}"), batch_size=args.batch_size)
+                      f"{task.name}-{args.accept}"), batch_size=args.batch_size,
+                      refuse_held=False)
     device = run.device
     eta = common.sampler_eta(args.sampler, args.eta, "eta" in given)
     if eta == 0:
@@ -120,7 +121,7 @@ def main(argv=None):
                                 f"{random_steps} random continuation steps",
                                 loss=args.loss, trained_steps=f"n in ({n_i}, {N}]"))
     samples, history = saved.get("samples_generated", 0), saved.get("history", [])
-    pool = run.load_pool(saved) if done else None
+    pool = saved.get("pool")
     lemma = saved.get("lemma43")
     if levels and run.main and not done:
         # Lemma 4.3: E[Var(r(X_0) | X_t)] of the reference at each level t and at N_I
@@ -139,7 +140,8 @@ def main(argv=None):
                                             batch=args.sample_batch, y=y):
             x, at = process.sample([(net, N, n_i), (ref_net, n_i, 0)], z, y=yb, generator=gen,
                                    eta=eta, num_steps=args.sample_steps, return_at=[n_i],
-                                   clip=task.kind == "image", cfg_scale=args.cfg_scale)
+                                   clip=task.kind == "image", cfg_scale=args.cfg_scale,
+                                   progress=run.batch_progress)
             x0s.append(x.clamp(-1, 1) if task.kind == "image" else x)
             xnis.append(at[n_i])
         return run.gather(x0s, shape=task.shape()), run.gather(xnis, shape=task.shape())

@@ -360,7 +360,10 @@ BAD = [
     ("graft", "resume-other-reward", ["--resume", "--reward", "linear:0"], "--reward"),
     # -- pgraft.py
     ("pgraft", "n-i-above-N", ["--n-i", "250"], "--n-i"),
-    ("pgraft", "n-i-duplicate", ["--n-i", "0.25,50"], "twice"),
+    ("pgraft", "n-i-list", ["--n-i", "0.25,50"], "experiments.pgraft_sweep"),
+    ("pgraft", "n-i-one-step-continuation", ["--n-i", "0.1", "--sample-steps", "10"],
+     "deterministic"),
+    ("pgraft", "n-i-abar-out-of-range", ["--n-i", "abar:1.5"], "abar"),
     ("pgraft", "ddim-eta-0", ["--sampler", "ddim", "--eta", "0"], "--eta 0"),
     ("pgraft", "M-0", ["--M", "0"], "--M"),
     ("pgraft", "prompts-0", ["--prompts", "0"], "--prompts"),
@@ -875,3 +878,67 @@ def test_messages_name_the_real_cause(tmp_path):
     with pytest.raises(common.UsageError) as e:
         common.load_base(str(tmp_path / "u.pt"), "cpu", task=get_task("toy2d"))
     assert "not of toy2d" not in str(e.value) and "does not fit task toy2d" in str(e.value)
+
+
+# ---------------------------------------------------------------- issue 18, items 7 and 8 ----
+# 14. SIGTERM / Ctrl-C outside a training loop (the Lemma 4.3 diagnostic): a stopped: line, 143 /
+# 130; 15. progress lines from within one long sampler batch.
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_stop_signal_during_the_diagnostic_says_stopped(tmp_path, sig, code):
+    """A real pgraft process with a long Lemma 4.3 diagnostic, signalled once it has begun."""
+    base = tmp_path / "base"
+    _pretrain(base, *TINY_PRE)
+    out = tmp_path / "pg"
+    lemma = ["--lemma-levels", "0.5", "--lemma-states", "20000", "--lemma-continuations", "64"]
+    proc = subprocess.Popen([sys.executable, "pgraft.py", "--base", str(base / "ckpt.pt"),
+                             "--out", str(out), *TINY, *lemma], cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        # run.json is written by Run.begin; the diagnostic follows at once
+        while not (out / "run.json").exists():
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.time() < deadline, "the run did not begin within 120 s"
+            time.sleep(0.01)
+        time.sleep(1.0)
+        assert proc.poll() is None, "the diagnostic ended before the signal"
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == code, err
+    assert "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("stopped: "), err
+    # nothing half-made: no summary, no lock left behind; the run's record kept for --resume
+    assert not (out / "summary.json").exists() and not (out / ".lock").exists()
+    assert (out / "run.json").exists()
+
+
+def test_stop_signal_after_a_loops_last_check_still_stops():
+    """A signal that arrives after a loop's last check (an inversion's last chunk) stops the run
+    when the loop's StopSignals scope ends, instead of being forgotten."""
+    with pytest.raises(common.Interrupted) as e:
+        with common.StopSignals() as stop:
+            stop.requested = "SIGTERM"
+    assert e.value.code == 143 and "--resume" in str(e.value)
+
+
+def test_progress_lines_from_within_one_sampler_batch(tmp_path, monkeypatch, capsys):
+    """One batch of 50 sampler steps, a progress interval of 0 s: lines from inside the batch."""
+    import harness
+    import tasks
+    from models import DDPM
+
+    monkeypatch.setattr(tasks, "PROGRESS_EVERY_S", 0)
+    args, _ = harness.parse(pretrain.Args, ["--device", "cpu", "--out", str(tmp_path / "p")])
+    run = harness.Run(args, script="pretrain", out=None)
+    process = DDPM(n_steps=50)
+    net = lambda x, n, y=None: torch.zeros_like(x)  # noqa: E731
+    capsys.readouterr()
+    for z, _, gen in run.noise_batches(8, shape=(2,), seed=0, batch=8):
+        process.sample(net, z, generator=gen, progress=run.batch_progress)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "steps of sample batch" in ln]
+    assert len(lines) >= 10, lines
+    assert lines[-1].startswith("sampler steps of sample batch 1/1: ")
