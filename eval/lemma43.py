@@ -118,3 +118,67 @@ def run(net, process, task, reward, *, levels, n_is, states, continuations, seed
     print("Lemma 4.3 diagnostic E[Var(r(X_0) | X_t)]: "
           + ", ".join(f"t={t}: {m:.4g}+-{se:.2g}" for t, (m, se) in res.items()))
     return table
+
+
+@torch.no_grad()
+def one_round_ceiling(net, process, task, reward, rule, *, n_is, prompts, M, generator,
+                      conditional, data=None, eta=1.0, sample_steps=None, sample_batch=1000):
+    """What one round could reach at each N_I if the fine-tuned first segment were learned
+    perfectly: ``prompts`` x ``M`` samples of the reference ``net`` (one round's, conditions as a
+    round draws them), their states X_{N_I} kept; ``rule`` accepts on X_0 within each condition;
+    each accepted X_{N_I} is continued N_I -> 0 by the reference with fresh noise and scored. At
+    N_I = 0 (GRAFT) the accepted X_0 themselves. An N_I off the sampling grid is put on it
+    (DDPM.sample), as P-GRAFT does, so each grid is sampled once from the same noise.
+
+    Returns {n_i: dict(reward, prob, reward_all, prob_all, gain, gain_prob, accepted)}: the mean
+    reward (and bounded reward p = exp(r) for log-probability rewards) of the continued accepted
+    samples, of all the round's samples, and the difference (the ceiling's gain over the base)."""
+    from rewards import bounded, score
+
+    clip, dev = task.kind == "image", generator.device
+    n = prompts * M
+    y = task.sample_conditions(prompts, generator, dev, data, repeat=M) if conditional else None
+    z = torch.randn((n, *task.shape()), generator=generator, device=dev)
+    # N_I that leave the grid alike share one pass (every on-grid N_I shares GRAFT's)
+    passes = {}
+    for n_i in sorted(set(n_is)):
+        key = tuple(process.grid(process.N, 0, sample_steps, keep=[n_i] if n_i else []))
+        passes.setdefault(key, []).append(n_i)
+
+    def mean_p(r):
+        p = bounded(reward, r)
+        return None if p is None else p.mean().item()
+
+    out = {}
+    for group in passes.values():
+        keep = [v for v in group if v > 0]
+        x0s, states = [], {v: [] for v in keep}
+        for i in range(0, n, sample_batch):
+            yb = y[i : i + sample_batch] if y is not None else None
+            x, at = process.sample(net, z[i : i + sample_batch], y=yb, generator=generator,
+                                   eta=eta, num_steps=sample_steps, return_at=keep, clip=clip)
+            x0s.append(x.clamp(-1, 1) if clip else x)
+            for v in keep:
+                states[v].append(at[v])
+        x0 = torch.cat(x0s)
+        r = score(reward, x0, y, sample_batch)
+        mask = rule.select(r.view(prompts, M), generator).reshape(-1)
+        ya = y[mask] if y is not None else None
+        for n_i in group:
+            if n_i == 0:
+                ra = r[mask]
+            else:
+                xs = torch.cat(states[n_i])[mask]
+                parts = []
+                for i in range(0, len(xs), sample_batch):
+                    yb = ya[i : i + sample_batch] if ya is not None else None
+                    x, _ = process.sample(net, xs[i : i + sample_batch], n_i, 0, yb, generator,
+                                          eta, sample_steps, clip=clip)
+                    parts.append(x.clamp(-1, 1) if clip else x)
+                ra = score(reward, torch.cat(parts), ya, sample_batch)
+            p_all, p_acc = mean_p(r), mean_p(ra)
+            out[n_i] = dict(reward=ra.mean().item(), prob=p_acc, reward_all=r.mean().item(),
+                            prob_all=p_all, gain=ra.mean().item() - r.mean().item(),
+                            gain_prob=None if p_acc is None else p_acc - p_all,
+                            accepted=int(mask.sum()))
+    return dict(sorted(out.items()))

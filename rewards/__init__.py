@@ -27,6 +27,8 @@ class Reward:
     name = "reward"
     description = ""
     uses_conditions = False  # whether the value depends on the conditions y
+    # whether the value is a log-probability (classifier rewards): exp(r) = p(requested | x)
+    log_prob = False
 
     @torch.no_grad()
     def __call__(self, x, y=None):
@@ -162,6 +164,13 @@ def score(reward, x, y=None, batch_size=1000):
         for i in progress(range(0, len(x), batch_size), f"reward {reward.name}")
     ]
     return check_finite(torch.cat(out), reward.name)
+
+
+def bounded(reward, r):
+    """The bounded form of a log-probability reward: p = exp(r) in [0, 1], the classifier's
+    probability of what was requested (digit, pair, attributes); None for other rewards. A mean of
+    p cannot be moved much by a few very unlikely samples, as the mean log-probability can."""
+    return r.exp() if reward.log_prob else None
 
 
 def check_finite(r, name):

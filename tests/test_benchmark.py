@@ -182,170 +182,320 @@ def test_reference_stats_are_cached_by_classifier(tmp_path):
     assert len(calls) == 2  # ... so the statistics are recomputed
 
 
-# ---------------------------------------------------------------- the benchmark end to end ----
-def test_every_preset_passes_the_scripts_flag_checks():
-    """Each (task, preset) of SPECS, the gpu ones included (they cannot run here), gives flags that
-    pretrain.py, graft.py and pgraft.py accept, with the same budget for every method."""
-    import graft
-    import pgraft
-    import pretrain
+# ---------------------------------------------------------------- statistics ----
+def test_paired_difference_interval_on_known_numbers():
+    """d = a - b = 1, 2, 3, 4, 5: mean 3, sd sqrt(2.5), 95% half-width t_{0.975, 4} sd / sqrt(5)
+    with t_{0.975, 4} = 2.7764451052 (tables)."""
+    from eval import stats
+
+    a, b = [3.0, 5.0, 4.0, 7.0, 6.0], [2.0, 3.0, 1.0, 3.0, 1.0]
+    ci = stats.paired(a, b)
+    half = 2.7764451052 * math.sqrt(2.5) / math.sqrt(5)
+    assert ci["n"] == 5 and ci["values"] == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert ci["mean"] == pytest.approx(3.0) and ci["sd"] == pytest.approx(math.sqrt(2.5))
+    assert ci["lo"] == pytest.approx(3.0 - half, abs=1e-9)
+    assert ci["hi"] == pytest.approx(3.0 + half, abs=1e-9)
+    assert stats.verdict(ci) == "better" and stats.verdict(ci, higher_is_better=False) == "worse"
+    assert stats.verdict(stats.paired(b, a)) == "worse"
+    # a 90% interval is narrower: t_{0.95, 4} = 2.1318467863
+    assert stats.paired(a, b, 0.9)["half"] == pytest.approx(
+        2.1318467863 * math.sqrt(2.5) / math.sqrt(5), abs=1e-9)
+    # an interval that holds 0; pairs with a missing side are dropped
+    assert stats.verdict(stats.paired([1.0, -1.0, 0.5], [0.0, 0.0, 0.0])) == "not separable"
+    one = stats.paired([1.0, None, 3.0], [0.5, 1.0, float("nan")])
+    assert one["n"] == 1 and one["mean"] == 0.5 and one["lo"] is None
+    assert stats.verdict(one) is None
+
+
+# ---------------------------------------------------------------- the exact target ----
+def test_rejection_sampler_reweights_the_base_by_p_c_given_x():
+    """The kept samples' class fractions equal the base's reweighted by q = p(c | x),
+    pi_k E[q | k] / sum_j pi_j E[q | j], within sampling error; the acceptance rate is E[q]."""
+    from eval import tilt
+
+    g = torch.Generator().manual_seed(0)
+    pi, qk = torch.tensor([0.5, 0.3, 0.2]), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+
+    def draw(k):  # a "sample" is (its class, its q): q varies around the class's mean
+        cls = torch.multinomial(pi, k, replacement=True, generator=g)
+        q = qk[cls] + (torch.rand(k, generator=g, dtype=torch.float64) - 0.5) * 0.1
+        return torch.stack([cls.double(), q], 1)
+
+    n = 4000
+    x, info = tilt.rejection_sample(draw, lambda v: v[:, 1], n, g, 10**6, batch=1000)
+    exact = pi.double() * qk / (pi.double() * qk).sum()
+    base = draw(400_000)
+    want = tilt.reweighted_fractions(base[:, 0].long(), base[:, 1], 3)
+    assert torch.allclose(want, exact, atol=5e-3)
+    got = tilt.class_fractions(x[:, 0].long(), 3)
+    se = (exact * (1 - exact) / n).sqrt()
+    assert len(x) == n == info["kept"] and ((got - want).abs() < 4 * se).all(), (got, want)
+    rate = (pi.double() * qk).sum().item()
+    assert info["rate"] == pytest.approx(rate, abs=4 * math.sqrt(rate / info["draws"]))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        tilt.rejection_sample(draw, lambda v: v[:, 1] - 1, 10, g, 100)
+
+
+def test_class_tilt_target_samples_p_ref_times_p_c_given_x(tmp_path):
+    """eval/tilt.class_tilt_target through a DDPM sampler and a digit reward log p(2 | x): the
+    class fractions of its exact target set equal those of a separate draw of the same base,
+    reweighted by p(2 | x), within sampling error (a random classifier made confident, so that
+    p(2 | x) varies from sample to sample)."""
+    from eval import tilt
+    from models import DDPM
+
+    path = str(tmp_path / "clf16.pt")
+    clf = random_classifier(path, "mnist16", 16, 10)
+    with torch.no_grad():
+        clf.head[-1].weight.mul_(40)
+    save_checkpoint(path, clf, extra=dict(task="mnist16", accuracy=0.0, attr_names=[]))
+    reward = rewards.get_reward("digit:2", get_task("mnist16"), classifier_path=path)
+    process = DDPM(1000)
+
+    def net(x, t, y=None):  # eps = 0: X_0 is a function of the starting noise
+        return torch.zeros_like(x)
+
+    n = 1000
+    x, info = tilt.class_tilt_target(net, process, reward, (1, 16, 16), n, sample_steps=2,
+                                     batch=1000, generator=torch.Generator().manual_seed(1),
+                                     max_draws=10**5)
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(20_000, 1, 16, 16, generator=g)
+    base = process.sample(net, z, generator=g, num_steps=2, clip=True)[0].clamp(-1, 1)
+    with torch.no_grad():
+        logits = clf(base)
+    want = tilt.reweighted_fractions(logits.argmax(1), logits.softmax(1)[:, 2], 10)
+    plain = tilt.class_fractions(logits.argmax(1), 10)
+    got = torch.tensor(info["class_fractions"], dtype=torch.float64)
+    se = (want * (1 - want) / n).sqrt() + (want * (1 - want) / 20_000).sqrt()
+    assert len(x) == n and ((got - want).abs() < 4 * se + 1e-3).all(), (got, want)
+    # the tilt is strong: the test tells the target from the base
+    assert (plain - want).abs().max() > 0.15
+    assert info["rate"] == pytest.approx(logits.softmax(1)[:, 2].mean().item(), abs=0.03)
+
+
+def test_one_round_ceiling_on_gaussian_data():
+    """Data N(0, I) in 2-D with its exact eps-prediction sqrt(1 - abar_n) x_n, and the linear
+    reward r = <x, u> ~ N(0, 1): top-400 of 4000 gains E[Z | Z > z_0.9] = 1.755 at N_I = 0 (GRAFT:
+    the accepted samples themselves; accepting all gains exactly 0). Continuing a kept X_n keeps
+    abar_n of the gain (E[X_n | X_0] = sqrt(abar_n) X_0, then E[X_0' | X_n] = sqrt(abar_n) X_n):
+    0.53 at n = 50, ~0 at 150. The full 200-step chain, so the sampler is near exact."""
+    from eval import lemma43
+    from models import DDPM
+    from rewards.acceptance import AcceptRule
+
+    task, process = get_task("toy2d"), DDPM(200)
+    reward = rewards.get_reward("linear", task)
+
+    def net(x, t, y=None):
+        n = (t.double() * process.N).round().long()
+        return (1 - process.alpha_bar[n]).sqrt().to(x.dtype)[:, None] * x
+
+    kw = dict(n_is=[0, 50, 150], prompts=1, M=4000, conditional=False, sample_steps=200,
+              sample_batch=4000)
+    every = lemma43.one_round_ceiling(net, process, task, reward, AcceptRule("topk", 4000, 4000),
+                                      generator=torch.Generator().manual_seed(0), **kw)
+    assert every[0]["gain"] == 0.0 and every[0]["accepted"] == 4000
+    best = lemma43.one_round_ceiling(net, process, task, reward, AcceptRule("topk", 4000, 400),
+                                     generator=torch.Generator().manual_seed(0), **kw)
+    assert best[0]["accepted"] == 400 and best[0]["gain"] == pytest.approx(1.755, abs=0.15)
+    assert best[0]["reward"] == pytest.approx(best[0]["reward_all"] + best[0]["gain"])
+    keep = float(process.alpha_bar[50])
+    assert best[50]["gain"] == pytest.approx(keep * best[0]["gain"], abs=0.15)
+    assert abs(best[150]["gain"]) < 0.15
+    assert best[0]["prob"] is None  # the linear reward is no log-probability
+
+
+# ---------------------------------------------------------------- the benchmark ----
+def bench_argv(tmp_path, data, *extra, task="mnist-tilt"):
+    return ["--preset", "smoke", "--task", task, "--device", "cpu", "--data-dir", data,
+            "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache"), *extra]
+
+
+def test_every_preset_makes_a_plan_the_scripts_accept(tmp_path):
+    """Each (task, preset) resolves to runs whose flags graft.py, pgraft.py, ddpo.py and
+    pretrain.py accept, with the same budget, conditions and sampler steps for every method; the
+    cpu and gpu presets meet issue 17's sizes (>= 5 seeds over >= 2 bases, 20-50 sampler steps,
+    three budgets, warm-up <= 10%, a tuning grid of >= 2 configs per method, P-GRAFT arms with
+    a random continuation)."""
     from experiments import benchmark
-    from models import PRESETS
 
-    for task_name, preset in benchmark.SPECS:
-        args = benchmark.get_args(["--preset", preset, "--task", task_name])
-        spec = benchmark.settings(args, torch.device("cuda" if preset == "gpu" else "cpu"))
-        task = get_task(spec["task"])
-        assert spec["base"]["preset"] in PRESETS
-        assert spec["final"]["fid_samples"] == (10_000 if preset == "gpu" else 0)
-        p = pretrain.get_args(benchmark.base_argv(args, spec, task, "o"))
-        assert p.train_steps == spec["base"]["train_steps"] and p.task == task.name
-        argv = benchmark.run_argv(args, spec, task, "base.pt", "clf.pt", 1) + ["--out", "o"]
-        g, pg = graft.get_args(argv), pgraft.get_args(argv + ["--n-i", "0.1,0.25,0.5,0.75"])
-        for k in ("prompts", "M", "K", "rounds", "train_steps", "sample_steps", "sample_from"):
-            assert getattr(g, k) == getattr(pg, k) == spec["run"][k], (task_name, preset, k)
-
-
-TINY = [
-    "--preset",
-    "cpu",
-    "--device",
-    "cpu",
-    "--seeds",
-    "2",
-    "--n-i",
-    "0.25,0.5",
-    "--base-steps",
-    "3",
-    "--classifier-steps",
-    "10",
-    "--M",
-    "2",
-    "--K",
-    "1",
-    "--rounds",
-    "2",
-    "--train-steps",
-    "2",
-    "--batch-size",
-    "4",
-    "--eval-samples",
-    "8",
-    "--sample-steps",
-    "3",
-    "--sample-batch",
-    "100",
-    "--final-samples",
-    "200",
-]
+    data = make_mnist_pickle(str(tmp_path / "mnist"), n=30)
+    celeba = make_celeba_tree(str(tmp_path / "celeba"), n=6)
+    for task, preset in benchmark.SPECS:
+        argv = ["--task", task, "--preset", preset, "--device", "cpu", "--out",
+                str(tmp_path / "o"), "--cache", str(tmp_path / "c"), "--data-dir",
+                celeba if task == "celeba" else data]
+        plan = benchmark.make_plan(benchmark.get_args(argv))
+        r = plan["run"]
+        if preset != "smoke":
+            assert len(plan["seeds"]) >= 5 and plan["n_bases"] >= 2, (task, preset)
+            assert 20 <= r["sample_steps"] <= 50 and len(plan["budgets"]) == 3, (task, preset)
+            assert all(len(c) >= 2 for c in plan["families"].values()), (task, preset)
+            assert {a["method"] for a in plan["arms"]} == {"graft", "pgraft", "ddpo"}
+        assert all(t["random_steps"] >= 1 for t in plan["n_table"] if t["run"] and t["n_i"])
+        assert [b["fraction"] for b in plan["budgets"]][-1] == 1.0
+        for fam, cfgs in plan["families"].items():
+            for cfg in cfgs:
+                if fam != "ddpo":
+                    assert benchmark.warmup(cfg["train_steps"]) <= 0.1 * cfg["train_steps"]
+        assert not os.path.exists(tmp_path / "o") and not os.path.exists(tmp_path / "c")
 
 
-def test_benchmark_end_to_end_mnist_pairs(tmp_path, monkeypatch):
+@pytest.mark.parametrize("extra, says", [
+    (["--rounds", "3"], "even number"),
+    (["--seeds", "1", "--bases", "2"], "every base needs a seed"),
+    (["--tilt-class", "12"], "0..9"),
+    (["--task", "mnist-weak", "--tilt-class", "3"], "--tilt-class is for"),
+    (["--methods", "pgraft,ddpo"], "holds graft"),
+    (["--task", "mnist-weak", "--K", "3"], "--K 3"),
+    (["--n-i", "1.5"], "out of range"),
+    (["--sample-steps", "10", "--n-i", "0.1"], "one deterministic step"),
+    (["--lr", "1e-3"], "tuning grid"),
+    (["--tune-lr", "0,1e-3"], "> 0"),
+    (["--tune-seed", "1"], "reported seed"),
+    (["--final-samples", "1"], ">= 2"),
+    (["--task", "celeba", "--preset", "cpu"], "no --preset cpu"),
+    (["--classifier", "TMP/missing.pt"], "no such checkpoint"),
+    (["--out", "TMP/afile"], "is a file"),
+    (["--device", "tpu"], "--device"),
+    (["--reward", "digit:12"], "0..9"),
+    (["--reward", "jpeg"], "log-probability"),
+])
+def test_bad_flags_are_one_error_line_before_anything_is_written(tmp_path, capsys, extra, says):
+    import common
+    from experiments import benchmark
+
+    data = make_mnist_pickle(str(tmp_path / "mnist"), n=30)
+    (tmp_path / "afile").write_text("not a folder")
+    argv = bench_argv(tmp_path, data, *[a.replace("TMP", str(tmp_path)) for a in extra])
+    with pytest.raises(SystemExit) as e:
+        common.run_main(lambda: benchmark.main(argv))
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error:"), err
+    assert says in err[0], err
+    assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "cache")
+    assert sorted(os.listdir(tmp_path)) == ["afile", "mnist"]
+
+
+KEYS = ("prob", "accuracy", "reward", "fid", "diversity")
+
+
+def ev_base(res, seed):
+    """The recorded evaluation of the base of ``seed``."""
+    return {k: res["evals"]["base"][seed]["0"][k] for k in KEYS}
+
+
+def test_benchmark_smoke_end_to_end(tmp_path, monkeypatch, capsys):
+    """mnist-tilt, smoke preset, fabricated MNIST: two bases, their exact target sets, tuning on
+    a seed of its own, GRAFT / P-GRAFT / DDPO on 2 seeds evaluated at half and all of the
+    budget; results.json holds per-seed values and the intervals computed from them. Then
+    mnist-weak (conditional) reuses the classifier and the FeatureNet from the cache."""
+    import common
+    from eval import stats
     from experiments import benchmark
 
     data = make_mnist_pickle(str(tmp_path / "mnist"), n=90)
     monkeypatch.setattr(benchmark, "BASE_EVAL_SAMPLES", 1)
-    out, cache = tmp_path / "out", tmp_path / "cache"
-    argv = TINY + ["--task", "mnist-pairs", "--data-dir", data, "--cache", str(cache)]
-    res = benchmark.main(argv + ["--out", str(out), "--prompts", "4"])
-    methods = [r["method"] for r in res["table"]]
-    assert methods == ["base", "GRAFT", "P-GRAFT N_I=0.25N", "P-GRAFT N_I=0.5N"]
-    for r in res["table"]:
-        for c in ("reward", "accuracy", "cfid", "diversity"):
-            assert r[c] is not None and math.isfinite(r[c]) and r[c + "_std"] is not None, (r, c)
-        assert r["samples"] == (0 if r["method"] == "base" else 4 * 2 * 2)
-    c = res["curves"]["GRAFT"]
-    assert c["samples"] == [0, 8, 16] and len(c["reward_mean"]) == 3
-    assert res["curves"]["P-GRAFT N_I=0.5N"]["samples"] == [0, 8, 16]
-    assert res["answer"]["text"].startswith(("YES", "NO"))
-    assert len(res["answer_rows"]) == 2 and res["headroom"]["accepted_reward"] is not None
-    assert res["headroom"]["max_reward"] == 0.0 and res["headroom"]["real_reward"] <= 0
+    argv = bench_argv(tmp_path, data)
+    res = benchmark.main(argv)
+    out = tmp_path / "out"
+    names = ["GRAFT", "P-GRAFT N_I=500", "DDPO"]
+    assert [a["name"] for a in res["arms"]] == names and res["reward"] == "digit:3"
+    # N_I = 500 is run (one random continuation step); 250's ceiling only (no random step)
+    rows = {r["n_i"]: r for r in res["n_i_table"]}
+    assert sorted(rows) == [0, 250, 500] and rows[500]["run"] and not rows[250]["run"]
+    assert rows[500]["random_steps"] == 1 and rows[250]["random_steps"] == 0
+    assert rows[500]["abar"] < 0.1 and rows[0]["ceiling_gain"] is not None
+    assert len(res["bases"]) == 2 and res["bases"][0] != res["bases"][1]
+    assert [b["rounds"] for b in res["budgets"]] == [1, 2]
     on_disk = json.loads((out / "results.json").read_text())
-    assert on_disk["table"][1]["method"] == "GRAFT"
-    assert on_disk["settings"]["task"] == "mnist-pairs16"
-    md = (out / "results.md").read_text()
-    assert "| GRAFT |" in md and "Does P-GRAFT reach" in md
-    assert (out / "reward_vs_samples.png").stat().st_size > 1000
-    # the two runs of a method differ only by the seed, and every method shares the base
-    s0 = json.loads((out / "seed0" / "graft" / "summary.json").read_text())
-    s1 = json.loads((out / "seed1" / "pgraft" / "ni_500" / "summary.json").read_text())
-    assert s0["base"] == s1["base"] == res["base"] and s0["samples_generated"] == 16
-    # the base and the classifier are cached: a second benchmark reuses them
-    mtimes = {
-        p: os.path.getmtime(os.path.join(cache, p)) for p in os.listdir(cache) if p.endswith(".pt")
-    }
-    ddpo = os.path.exists(os.path.join(os.path.dirname(benchmark.__file__), "..", "ddpo.py"))
-    res2 = benchmark.main(
-        argv
-        + [
-            "--out",
-            str(tmp_path / "out2"),
-            "--seeds",
-            "1",
-            "--methods",
-            "graft,ddpo" if ddpo else "graft",
-            "--prompts",
-            "2",
-        ]
-    )
-    assert res2["base"] == res["base"] and res2["classifier"] == res["classifier"]
-    assert all(os.path.getmtime(os.path.join(cache, p)) == t for p, t in mtimes.items())
-    assert [r["method"] for r in res2["table"]] == ["base", "GRAFT"] + (["DDPO"] if ddpo else [])
-    if ddpo:  # the hook: ddpo.py with the same base, reward, conditions, M, rounds and budget
-        assert res2["curves"]["DDPO"]["samples"] == res2["curves"]["GRAFT"]["samples"] == [0, 4, 8]
+    ev = on_disk["evals"]
+    for name in names:
+        for s in ("0", "1"):
+            for k in ("1", "2"):
+                m = ev[name][s][k]
+                assert 0 <= m["prob"] <= 1 and 0 <= m["accuracy"] <= 1 and m["reward"] <= 0
+                assert m["fid"] >= 0 and m["fid_target"] >= 0 and m["diversity"] >= 0
+                # Jensen: the mean of p = exp(r) is at least exp of the mean of r
+                assert m["prob"] >= math.exp(m["reward"]) - 1e-9
+    # the intervals are those of the per-seed values
+    for name in names[1:]:
+        d = on_disk["paired"][name]["full budget"]["prob"]
+        want = stats.paired([ev[name][s]["2"]["prob"] for s in ("0", "1")],
+                            [ev["GRAFT"][s]["2"]["prob"] for s in ("0", "1")])
+        assert d["n"] == 2 and d["lo"] == pytest.approx(want["lo"])
+        assert d["hi"] == pytest.approx(want["hi"])
+        h = next(r for r in on_disk["half_budget"] if r["method"] == name)["prob"]
+        assert h["mean"] == pytest.approx(np.mean([ev[name][s]["1"]["prob"]
+                                                   - ev["GRAFT"][s]["2"]["prob"]
+                                                   for s in ("0", "1")]))
+    # the evaluation: P-GRAFT samples N -> 500 with the fine-tuned net, then the reference; the
+    # noise is the seed's alone (the base of seed 0 re-evaluated gives its recorded numbers)
+    plan = benchmark.make_plan(benchmark.get_args(argv + ["--out", str(tmp_path / "x")]))
+    own = benchmark.Evaluator(plan, res["bases"][0], res["classifier"], res["features"],
+                              torch.device("cpu"))
+    segments = own.net_of(str(out / "seed0" / "pgraft_ni500"), res["arms"][1])
+    assert [(hi, lo) for _, hi, lo in segments] == [(1000, 500), (500, 0)]
+    assert segments[1][0] is own.ref and segments[0][0] is not own.ref
+    again = own(own.ref, 0)
+    assert {k: again[k] for k in KEYS} == ev_base(on_disk, "0")
+    other = benchmark.Evaluator(plan, res["bases"][1], res["classifier"], res["features"],
+                                torch.device("cpu"))
+    one = other(other.ref, 1)
+    assert {k: one[k] for k in KEYS} == ev_base(on_disk, "1") != ev_base(on_disk, "0")
+    row = next(r for r in on_disk["table"]["full budget"] if r["method"] == "base")
+    assert row["prob"]["mean"] == pytest.approx(np.mean([ev["base"][s]["0"]["prob"]
+                                                        for s in ("0", "1")]))
+    # tuning: GRAFT and P-GRAFT over the lr grid, chosen by the lowest FID to the target
+    t = on_disk["tuning"]
+    assert t["seed"] == 1000 and t["metric"] == "fid_target"
+    for fam in ("graft", "pgraft"):
+        grid = t["families"][fam]["grid"]
+        assert len(grid) == 2 and t["families"][fam]["chosen"] == min(
+            grid, key=lambda g: g["value"])["config"]
+    # DDPO's grid of the smoke preset is one config: nothing to tune
+    assert t["families"]["ddpo"]["grid"] == [dict(config=dict(lr=1e-5, clip_range=0.2),
+                                                  value=None)]
+    assert on_disk["exact_target"][0]["rate"] > 0 and on_disk["loss"]["GRAFT"]["train_steps"]
+    for f in ("results.md", "reward_vs_samples.png", "tradeoff.png", "loss_curves.png"):
+        assert (out / f).stat().st_size > 500, f
+    assert "FID to exact target" in (out / "results.md").read_text()
+    # a rerun into the same --out without --resume is refused, nothing changed
+    before = (out / "results.json").read_text()
+    with pytest.raises(SystemExit) as e:
+        common.run_main(lambda: benchmark.main(argv))
+    assert e.value.code == 2 and "--resume" in capsys.readouterr().err
+    assert (out / "results.json").read_text() == before
+    # the cache: the bases come back unchanged, the classifiers are shared by mnist-weak
+    cache = tmp_path / "cache"
+    plan = benchmark.make_plan(benchmark.get_args(argv + ["--out", str(tmp_path / "x")]))
+    mtimes = {p: os.path.getmtime(cache / p) for p in os.listdir(cache) if p.endswith(".pt")}
+    assert benchmark.cached_base(plan, 1) == res["bases"][1]
+    weak = benchmark.main(bench_argv(tmp_path, data, "--methods", "graft,pgraft", "--tune",
+                                     "none", "--out", str(tmp_path / "weak"),
+                                     task="mnist-weak"))
+    assert weak["classifier"] == res["classifier"] and weak["features"] == res["features"]
+    assert all(os.path.getmtime(cache / p) == t for p, t in mtimes.items())
+    assert set(weak["bases"]).isdisjoint(res["bases"])  # conditional bases: other settings
+    w = weak["evals"]["GRAFT"]["1"]["2"]
+    assert 0 <= w["prob"] <= 1 and w["diversity"] is not None and "fid_target" not in w
 
 
 def test_benchmark_celeba_fabricated(tmp_path, monkeypatch):
+    """The file-based path (CelebA read image by image, named attributes): one base, GRAFT."""
     from experiments import benchmark
 
     root = make_celeba_tree(str(tmp_path / "celeba"), n=12)
     monkeypatch.setattr(benchmark, "BASE_EVAL_SAMPLES", 1)
-    argv = [
-        "--preset",
-        "cpu",
-        "--task",
-        "celeba",
-        "--device",
-        "cpu",
-        "--data-dir",
-        root,
-        "--out",
-        str(tmp_path / "out"),
-        "--cache",
-        str(tmp_path / "cache"),
-        "--seeds",
-        "1",
-        "--n-i",
-        "0.5",
-        "--base-steps",
-        "2",
-        "--classifier-steps",
-        "2",
-        "--prompts",
-        "2",
-        "--M",
-        "2",
-        "--K",
-        "1",
-        "--rounds",
-        "1",
-        "--train-steps",
-        "1",
-        "--batch-size",
-        "2",
-        "--eval-samples",
-        "2",
-        "--sample-steps",
-        "2",
-        "--sample-batch",
-        "4",
-        "--final-samples",
-        "4",
-    ]
-    res = benchmark.main(argv)
+    res = benchmark.main(bench_argv(tmp_path, root, "--methods", "graft", "--tune", "none",
+                                    "--seeds", "1", "--bases", "1", "--final-samples", "3",
+                                    "--prompts", "2", "--eval-samples", "2", "--sample-batch",
+                                    "4", task="celeba"))
     assert res["reward"] == "eyeglasses+smiling+not-male"
-    assert [r["method"] for r in res["table"]] == ["base", "GRAFT", "P-GRAFT N_I=0.5N"]
-    assert all(r["reward"] <= 0 and 0 <= r["accuracy"] <= 1 for r in res["table"])
+    m = res["evals"]["GRAFT"]["0"]["2"]
+    assert 0 <= m["prob"] <= 1 and m["reward"] <= 0 and 0 <= m["accuracy"] <= 1
+    assert m["fid"] >= 0 and res["paired"] == {} and res["half_budget"] == []
     assert (tmp_path / "out" / "results.md").exists()
 
 
