@@ -84,7 +84,9 @@ def run_main(main):
             raise SystemExit(2) from None
         fail(str(e))
     except Interrupted as e:
-        print(f"stopped: {e}", file=sys.stderr)
+        # torchrun signals every rank when one ends: rank 0 speaks for all
+        if not quiet:
+            print(f"stopped: {e}", file=sys.stderr)
         raise SystemExit(e.code) from None
     except OSError as e:
         # read-only, full, too large, denied: one line naming the path
@@ -136,8 +138,36 @@ class StopSignals:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, kind, *exc):
         self.restore()
+        if kind is None and self.requested:
+            # a signal after the loop's last check (an inversion's last chunk) still stops the run
+            self.stop("at the end of a loop", "what was saved is kept: rerun the same command "
+                      "with --resume to continue from it")
+
+
+# where a stop signal outside a training loop's StopSignals scope lands (harness.Run sets it)
+PHASE = {"name": "before the run started"}
+
+
+def _stop_now(signum, frame):
+    name = signal.Signals(signum).name
+    raise Interrupted(f"{name} during {PHASE['name']}; what was saved is kept: rerun the same "
+                      f"command with --resume to continue from it", 128 + signum)
+
+
+def stop_outside_loops():
+    """SIGTERM in a phase without a training loop's StopSignals scope (a diagnostic, an evaluation,
+    an inversion): Interrupted at once, so run_main prints the ``stopped:`` line and exits 143
+    (Ctrl-C already raises KeyboardInterrupt: 130). Checkpoints and side files are written through
+    a temporary file and a rename, so what was saved stays whole for --resume. A StopSignals scope
+    puts this handler back when it ends."""
+    try:
+        if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, _stop_now):
+            signal.signal(signal.SIGTERM, _stop_now)
+    except ValueError:
+        # not the main thread: leave the default
+        pass
 
 
 # ---------------------------------------------------------------- command lines ----
@@ -328,6 +358,9 @@ class Dist:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.device = device
+        # what this rank computed of work split in chunks: [what, first, end) per chunk
+        # (harness.ChunkCache; summary.json's "torchrun")
+        self.computed = []
         if self.world == 1:
             return
         import torch.distributed as dist
@@ -1013,6 +1046,19 @@ def n_params(model):
 
 
 # ---------------------------------------------------------------- sampling and pictures ----
+def steps_progress(desc):
+    """The ``progress`` a sampler (DDPM.sample, RectifiedFlow.sample) takes over one batch's steps:
+    tqdm (not left behind) on a terminal, else a line every PROGRESS_EVERY_S seconds, so one long
+    batch shows it moving. Each step reads only the wall clock: no host sync."""
+
+    def wrap(steps):
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            return tqdm(steps, desc=desc, leave=False, mininterval=2)
+        return progress(steps, desc)
+
+    return wrap
 
 
 def generate(
@@ -1035,6 +1081,9 @@ def generate(
     starts = range(0, n, batch_size)
     for i in progress(starts, "sample") if show_progress else starts:
         b = min(batch_size, n - i)
+        # one long batch shows its sampler steps moving too
+        steps = (steps_progress(f"sampler steps of sample batch {i // batch_size + 1}/"
+                                f"{len(starts)}") if show_progress else None)
         yb = y[i : i + b] if y is not None else None
         z = torch.randn((b, *task.shape()), generator=gen, device=dev)
         if isinstance(process, DDPM):
@@ -1046,9 +1095,11 @@ def generate(
                 eta=eta,
                 num_steps=num_steps or task.sample_steps,
                 clip=task.kind == "image",
+                progress=steps,
             )
         else:
-            x = process.sample(model, z, num_steps or task.flow_steps, y=yb, method=flow_method)
+            x = process.sample(model, z, num_steps or task.flow_steps, y=yb, method=flow_method,
+                               progress=steps)
         out.append(x.clamp(-1, 1).cpu() if task.kind == "image" else x.cpu())
     return torch.cat(out)
 

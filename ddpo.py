@@ -201,7 +201,9 @@ def main(argv=None):
         harness.refuse(f"--min-count {args.min_count} exceeds --buffer-size {args.buffer_size}: no "
                        "condition could ever use its own statistics")
     task = get_task(args.task)
-    run = harness.Run(args, script="ddpo", out=os.path.join("runs", "ddpo", task.name))
+    # an --out that holds a run is refused in run.begin, after the flags and the base are checked
+    run = harness.Run(args, script="ddpo", out=os.path.join("runs", "ddpo", task.name),
+                      refuse_held=False)
     device, dist, clip = run.device, run.dist, task.kind == "image"
     fid_samples = common.fid_count(args.fid_samples, device, task)
     torch.manual_seed(args.seed)

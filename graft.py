@@ -92,7 +92,7 @@ def main(argv=None):
                                             batch=args.sample_batch, y=y):
             x, _ = process.sample(net, z, y=yb, generator=gen, eta=eta,
                                   num_steps=args.sample_steps, clip=task.kind == "image",
-                                  cfg_scale=args.cfg_scale)
+                                  cfg_scale=args.cfg_scale, progress=run.batch_progress)
             xs.append(x.clamp(-1, 1) if task.kind == "image" else x)
         return run.gather(xs, shape=task.shape())
 

@@ -202,6 +202,9 @@ class Run:
         that to ``begin``, after the script's own input checks, so a bad flag is named first.
         ``ckpt``: the checkpoint's path inside --out (with summary.json, what marks a run)."""
         self.args, self.script, self.unit = args, script, unit
+        # SIGTERM outside a training loop (diagnostic, evaluation, inversion): a stopped: line, 143
+        common.stop_outside_loops()
+        common.PHASE["name"] = f"the checks of {script}.py"
         self.dist = common.Dist(common.pick_device(args.device))
         self.device, self.main = self.dist.device, self.dist.main
         if batch_size is not None:
@@ -247,6 +250,9 @@ class Run:
         done, saved = 0, {}
         if ckpt is not None:
             done, saved = common.restore(ckpt, model, ema, opt)
+            if isinstance(saved.get("pool"), str):
+                # the accepted samples the checkpoint names, read before anything is written
+                saved = dict(saved, pool=self.load_pool(saved))
             # a step is saved at its end, a round after it
             print(f"resumed from {self.ckpt_path} {'at' if self.unit == 'step' else 'after'} "
                   f"{self.unit} {done}")
@@ -272,6 +278,8 @@ class Run:
                 why = str(e)
         if self.dist.any(why is not None):
             refuse(why or "rank 0 could not lock --out")
+        common.PHASE["name"] = (f"{self.script}.py outside a training step (a diagnostic, "
+                                f"sampling, evaluation)")
         self.log = common.RunLog(self.out, self.args, write=self.main, run_files=self.run_files,
                                  resumed_at=(self.unit, done) if resumed else None)
         if self.main:
@@ -351,7 +359,7 @@ class Run:
             return
         x = (args[0] if args else kwargs["x"]).detach()
         self.trained_rows += x.shape[0]
-        sq = x.double().pow(2).sum()
+        sq = x.square().sum(dtype=torch.float64)
         self.trained_sq = sq if self.trained_sq is None else self.trained_sq + sq
 
     def shares(self):
@@ -361,7 +369,8 @@ class Run:
         first, end) per ChunkCache chunk computed here), trained_rows (rows the trained network ran
         forward on), trained_sq (float64 sum of those inputs squared)]). With the work split and
         none repeated, the ranks' ranges are disjoint and their union, rows and sums are one
-        process's. Gathered once: a script whose rank 0 works on alone calls it before that."""
+        process's. Gathered once: a script whose rank 0 goes on alone (pretrain.py's evaluation)
+        calls it while every rank is still there."""
         if self.shared is not None:
             return self.shared
         mine = dict(rank=self.dist.rank, sampled=sum(hi - lo for _, lo, hi in self.sampled),
@@ -515,6 +524,7 @@ class Run:
                 self.fid = FID(task, fid_samples, self.device, self.args.data_dir)
             fid = self.fid
         a, image = self.args, task.kind == "image"
+        common.PHASE["name"] = f"the {tag} evaluation of {self.script}.py"
         n, seed = max(a.eval_samples, fid_samples), a.seed + self.EVAL_SEED
         y = (task.sample_conditions(n, common.generator(seed, self.device), self.device, data)
              if conditional else None)

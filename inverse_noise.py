@@ -175,6 +175,8 @@ def main(argv=None):
                    base_weights=meta["base_weights"], n_fixed=args.n_fixed, perturb=args.perturb,
                    num_inverted=len(z))
     ema, corr_seconds = train_corrector(args, run, corrector, process, z, y, records, conditional)
+    # what each rank did (the chunks it inverted, the rows it trained on), every rank taking part
+    shares = run.shares()
     # 3-4. sample eps -> corrector -> base S_N, against the base alone (rank 0 under torchrun)
     if not run.main:
         return {"corrector_final_loss": run.loss}
@@ -189,7 +191,7 @@ def main(argv=None):
         base_step=meta["base_step"], corrector_checkpoint=run.ckpt_path,
         corrector_preset=args.corrector_preset, corrector_final_loss=run.loss,
         n_fixed=args.n_fixed, perturb=args.perturb, num_inverted=len(z), fid_samples=fid_samples,
-        seconds=seconds)
+        seconds=seconds, torchrun=shares)
     print(f"done in {summary['wall_time_s']} s; wrote {args.out}")
     return summary
 

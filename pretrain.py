@@ -184,7 +184,9 @@ def main(argv=None):
                 run.halt(step + 1, resume_hint=f"saved {run.ckpt_path}; rerun the same command "
                          "with --resume to continue")
     save(args.train_steps)
-    # torchrun: rank 0 evaluates and writes the summary
+    # what each rank did (every rank takes part; summary.json's "torchrun"); then rank 0 alone
+    # evaluates and writes the summary
+    run.shares()
     if not run.main:
         return dict(train_steps=args.train_steps, final_loss=run.loss)
 

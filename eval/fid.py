@@ -44,6 +44,8 @@ from tqdm import tqdm
 from eval.inception import InceptionWeightsError, load_inception
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+# an image in an FID folder larger than this (pixels) is refused before it is decoded
+MAX_PIXELS = 4096 * 4096
 PREPROCESSING = "uint8(save_image)|rgb|tf1-bilinear-299|(x-128)/128|pool3-2048|float64-cov(n-1)"
 REFERENCE_SEED = 0
 
@@ -175,6 +177,17 @@ def load_stats(path):
             f"{path}: mu or sigma holds NaN/inf; recompute the statistics with "
             f"`python -m eval.fid FOLDER --save-stats {path}`"
         )
+    # a sigma that is not a covariance (not symmetric, or a material negative eigenvalue) gives a
+    # meaningless FID: refused here, not clamped later
+    scale = max(float(np.abs(sigma).max(initial=0.0)), np.finfo(np.float64).tiny)
+    asym = float(np.abs(sigma - sigma.T).max(initial=0.0))
+    low = float(np.linalg.eigvalsh((sigma + sigma.T) / 2).min(initial=0.0)) if sigma.size else 0.0
+    if asym > 1e-6 * scale or low < -1e-6 * scale:
+        raise FIDInputError(
+            f"{path}: sigma is not a covariance (asymmetry {asym:.3g}, smallest eigenvalue "
+            f"{low:.3g}, largest entry {scale:.3g}); recompute the statistics with "
+            f"`python -m eval.fid FOLDER --save-stats {path}`"
+        )
     return mu, sigma, n
 
 
@@ -247,7 +260,15 @@ class ImageFolder(torch.utils.data.Dataset):
 
         try:
             with Image.open(self.files[i]) as im:
+                # the header's size, checked before the pixels are decoded
+                if im.width * im.height > MAX_PIXELS:
+                    raise FIDInputError(
+                        f"{self.files[i]}: {im.width}x{im.height} pixels, more than the "
+                        f"{MAX_PIXELS} an FID image may have; resize or remove it")
                 return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+        except Image.DecompressionBombError:
+            raise FIDInputError(f"{self.files[i]}: more than the {MAX_PIXELS} pixels an FID image "
+                                f"may have; resize or remove it") from None
         except OSError as e:  # PIL's UnidentifiedImageError and truncated files are OSErrors
             raise FIDInputError(
                 f"{self.files[i]}: not a readable image ({type(e).__name__}); remove or replace it"

@@ -61,6 +61,8 @@ def main(argv=None):
         sub = strip(argv, "--n-i", "--out", "--lemma-levels")
         rows.append(pgraft.main(sub + ["--n-i", str(n_i), "--lemma-levels", "none", "--out",
                                        os.path.join(args.out, f"ni_{n_i}")]))
+    # every rank takes part in gathering what the ranks did (each N_I's summary.json has its own)
+    run.shares()
     if not run.main:
         return dict(n_i=n_is, reward_final=[r["reward_final"] for r in rows])
     table(run, rows, process.N)

@@ -16,6 +16,8 @@ run under ``torch.no_grad`` and return float32 on x's device. Classifier rewards
 checkpoint cached under runs/rewards/ and train it first (saying so) when it is missing.
 """
 
+import math
+
 import torch
 
 from tasks import UsageError
@@ -148,9 +150,13 @@ def _after_colon(name, cast, what):
     if ":" not in name:
         return None
     try:
-        return cast(name.split(":", 1)[1])
+        value = cast(name.split(":", 1)[1])
     except ValueError:
         raise UsageError(f"cannot read reward {name!r}: expected {what}") from None
+    # linear:1e999 or linear:nan would end in a math error later: refused here, in one line
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UsageError(f"cannot read reward {name!r}: expected {what}, a finite number")
+    return value
 
 
 @torch.no_grad()

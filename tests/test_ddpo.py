@@ -274,65 +274,98 @@ def test_cli_exit_code_2(tmp_path):
 
 
 def test_divergence_exits_2_without_nan(base, tmp_path, capsys):
+    """Round 1 at a sane --lr, then --resume --rounds 2 --lr 1e8 (--lr may change on resume):
+    round 2 diverges, exits 2 naming --lr, and leaves round 1's files as they were: the same
+    checkpoint bytes (round 1), metrics.jsonl with round 1's rows and no NaN or Infinity, round
+    1's summary. Bugs it catches: a diverged loss logged (as NaN, or at all), the exploded weights
+    saved over the good checkpoint, a summary rewritten for a diverged run, and nothing written at
+    all (the files are required, not checked only when present)."""
+    import hashlib
+
     out = tmp_path / "dv"
-    err = exits_2(
-        ddpo.main,
-        ["--base", base, "--out", str(out), "--lr", "1e8", "--grad-clip", "0"] + ONE,
-        capsys,
-    )
-    assert "diverged" in err and "--lr" in err
-    assert not (out / "ckpt.pt").exists()  # no checkpoint of the exploded weights
-    for name in ("metrics.jsonl", "summary.json"):
-        if (out / name).exists():
-            text = (out / name).read_text()
-            assert "NaN" not in text and "Infinity" not in text
-            for line in text.splitlines() if name.endswith("l") else [text]:
-                json.loads(line, parse_constant=lambda c: pytest.fail(f"{name}: {c}"))
+    flags = ["--base", base, "--out", str(out), "--grad-clip", "0"] + TINY
+    ddpo.main(flags + ["--rounds", "1"])
+    sha = hashlib.sha256((out / "ckpt.pt").read_bytes()).hexdigest()
+    rows, summary = (out / "metrics.jsonl").read_text(), (out / "summary.json").read_text()
+    err = exits_2(ddpo.main, flags + ["--rounds", "2", "--resume", "--lr", "1e8"], capsys)
+    assert "diverged" in err and "--lr 1e+08" in err, err
+    assert hashlib.sha256((out / "ckpt.pt").read_bytes()).hexdigest() == sha
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 1
+    assert (out / "summary.json").read_text() == summary  # round 1's, not rewritten
+    json.loads(summary, parse_constant=lambda c: pytest.fail(f"summary.json: {c}"))
+    text = (out / "metrics.jsonl").read_text()
+    assert text == rows and "NaN" not in text and "Infinity" not in text
+    lines = [json.loads(ln, parse_constant=lambda c: pytest.fail(f"metrics.jsonl: {c}"))
+             for ln in text.splitlines()]
+    assert [r["round"] for r in lines if "eval_reward_mean" in r] == [1]
+    json.loads((out / "args.json").read_text(), parse_constant=lambda c: pytest.fail(c))
 
 
 # ---------------------------------------------------------------- image path ----
 def test_ddpo_mnist_fabricated(tmp_path, monkeypatch):
-    """Class-conditional images end to end: clipped x0, labels as conditions (one stat buffer per
-    label), grids, accuracy in the summary; the first step's ratio is 1 here too (a sum over
-    1024 pixels through a UNet)."""
+    """Class-conditional images end to end, 10 labels x M = 4 chains of 3 actions, checked against
+    direct computations: every transition's advantage is its chain's reward normalised by its own
+    label's mean and std (--min-count 4: every label has its own statistics), clipped; every
+    optimiser step's loss is the PPO-clip objective of the recorded and recomputed log-densities
+    (at clip range 1e-4 later steps clip, where it differs from REINFORCE's); the logged round
+    loss is their mean; the stat buffers hold each label's rewards; the first step's ratio is 1 (a
+    sum over 1024 pixels through a UNet). Bugs it catches: advantages normalised over all chains
+    (global, not per condition), plain REINFORCE without the clip (in ppo_loss or around it), the
+    buffers keyed by the wrong condition, a logged loss that is not the trained one."""
+    import rewards
     from test_rewards import tiny_mnist_setup
 
     data, base, clf = tiny_mnist_setup(tmp_path)
-    ratios = []
-    real = ddpo.ppo_loss
-    monkeypatch.setattr(ddpo, "ppo_loss", lambda *a: ratios.append(real(*a)[1]) or real(*a))
+    steps, scored = [], []
+    real_loss, real_score = ddpo.ppo_loss, rewards.score
+
+    def spy(logp, logp_old, adv, clip_range):
+        loss, ratio = real_loss(logp, logp_old, adv, clip_range)
+        steps.append((logp.detach(), logp_old, adv, clip_range, loss.detach(), ratio.detach()))
+        return loss, ratio
+
+    def score_spy(reward, x, y=None, batch_size=1000):
+        r = real_score(reward, x, y, batch_size)
+        scored.append((r, y))
+        return r
+
+    monkeypatch.setattr(ddpo, "ppo_loss", spy)
+    monkeypatch.setattr(rewards, "score", score_spy)
     out = tmp_path / "d"
-    s = ddpo.main(
-        [
-            "--task",
-            "mnist",
-            "--data-dir",
-            data,
-            "--base",
-            base,
-            "--classifier",
-            clf,
-            "--out",
-            str(out),
-            "--prompts",
-            "10",
-            "--M",
-            "2",
-            "--sample-steps",
-            "4",
-            "--batch-size",
-            "20",
-            "--eval-samples",
-            "10",
-            "--rounds",
-            "1",
-        ]
-    )
-    for k in ("fid_base", "fid_final", "accuracy_base", "accuracy_final", "reward_final"):
-        assert k in s
-    assert s["reward"] == "digit" and s["samples_generated"] == 20
+    s = ddpo.main(["--task", "mnist", "--data-dir", data, "--base", base, "--classifier", clf,
+                   "--out", str(out), "--prompts", "10", "--M", "4", "--min-count", "4",
+                   "--sample-steps", "4", "--batch-size", "20", "--clip-range", "1e-4", "--lr",
+                   "1e-3", "--eval-samples", "10", "--rounds", "1"])
+    assert s["reward"] == "digit" and s["samples_generated"] == 40
+    # --fid-samples -1 is 0 on the CPU: no FID; the accuracy is a fraction of 10 samples
+    assert s["fid_base"] is None and s["fid_final"] is None
+    assert abs(s["accuracy_final"] * 10 - round(s["accuracy_final"] * 10)) < 1e-6
     assert (out / "samples_base.png").exists() and (out / "samples_round1.png").exists()
+    (r, y), = [(r, y) for r, y in scored if len(r) == 40]  # the round's chains
+    r, y = r.double(), y.cpu()
+    assert sorted(y.tolist()) == sorted(list(range(10)) * 4)
+    # per-condition advantages, computed here; each chain's 3 actions carry its advantage
+    expect = torch.empty(40, dtype=torch.float64)
+    for c in range(10):
+        rc = r[y == c]
+        expect[y == c] = (rc - rc.mean()) / (rc.std(unbiased=False) + 1e-6)
+    expect = expect.clamp(-5, 5).repeat_interleave(3).sort().values
+    got = torch.cat([a.cpu() for _, _, a, *_ in steps]).sort().values
+    assert torch.allclose(got, expect, rtol=0, atol=1e-9), (got - expect).abs().max()
+    # every step's loss is the PPO-clip objective; clipping is active on some later step
+    assert len(steps) == 6  # 120 transitions / 20
+    gaps = []
+    for logp, logp_old, adv, c, loss, ratio in steps:
+        rho = torch.exp(logp - logp_old)
+        ppo = torch.maximum(-adv * rho, -adv * rho.clamp(1 - c, 1 + c)).mean()
+        assert torch.allclose(loss, ppo, rtol=0, atol=1e-12) and torch.equal(ratio, rho)
+        gaps.append((ppo - (-adv * rho).mean()).abs().item())
+    assert gaps[0] == 0 and max(gaps) > 1e-7, gaps
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    (rnd,) = [x for x in rows if "eval_reward_mean" in x]
+    mean = sum(step[4].item() * len(step[2]) for step in steps) / 120
+    assert math.isclose(rnd["loss"], mean, rel_tol=1e-9, abs_tol=1e-12), (rnd["loss"], mean)
     stats = torch.load(out / "ckpt.pt", weights_only=True)["extra"]["stats"]
-    assert sorted(stats) == [str(k) for k in range(10)] and all(len(v) == 2 for v in stats.values())
-    assert (ratios[0] - 1).abs().max() < 1e-6  # exactly 0 on the 2-core CPU; convolutions may
-    # pick other kernels for other batch sizes elsewhere
+    assert {k: v for k, v in stats.items()} == {str(c): r[y == c].tolist() for c in range(10)}
+    # exactly 0 on the 2-core CPU; convolutions may pick other kernels for other batch sizes
+    assert (steps[0][5] - 1).abs().max() < 1e-6

@@ -248,20 +248,44 @@ def test_pgraft_toy2d_matches_its_exact_target_and_writes_everything(base, tmp_p
 
 
 def test_sweep_writes_table_and_plot(base, tmp_path, capsys):
+    """The sweep's table and summary hold each N_I's run: its numbers are those runs' summaries,
+    abar_{N_I} and the random continuation steps are the chain's (computed here), and the N_I = 0
+    row is GRAFT's run with the same flags, reward for reward. Bugs it catches: N_I not handed to
+    the runs (equal rows), rows or columns mixed up, a table written from stale numbers."""
+    import graft
+    from common import load_base
     from experiments import pgraft_sweep
 
     out = tmp_path / "sw"
     s = pgraft_sweep.main(
         ["--base", base, "--out", str(out), "--n-i", "0,0.5", "--lemma-levels", "none"] + TINY
     )
-    assert s["n_i"] == [0, 100] and len(s["reward_final"]) == 2 and len(s["tilt_tv"]) == 2
-    for f in ("sweep.md", "sweep.csv", "sweep.png", "ni_0/summary.json", "ni_100/summary.json"):
+    assert s["n_i"] == [0, 100]
+    runs = [json.loads((out / f"ni_{n}" / "summary.json").read_text()) for n in (0, 100)]
+    for k in ("reward_final", "tilt_tv", "tilt_tv_base", "abar_n_i"):
+        assert s[k] == [r[k] for r in runs], k
+    g = graft.main(["--base", base, "--out", str(tmp_path / "g")] + TINY)
+    assert runs[0]["reward_final"] == g["reward_final"] != runs[1]["reward_final"]
+    _, proc, _ = load_base(base, "cpu")
+    grid = proc.grid(proc.N, 0, 10)
+    random = [sum(proc.sigma(a, b, 1.0) > 0 for a, b in zip(grid, grid[1:]) if a <= n)
+              for n in (0, 100)]
+    assert random == [0, 4]
+    for n, r, steps in zip((0, 100), runs, random):
+        row = s["sweep"][str(n)]
+        assert row["abar_n_i"] == float(proc.alpha_bar[n]) and row["n_i_frac"] == n / 200
+        assert row["random_continuation_steps"] == steps
+        assert row["reward_final"] == r["reward_final"]
+    csv = [line.split(",") for line in (out / "sweep.csv").read_text().splitlines()]
+    col = csv[0].index("reward_final")
+    assert [float(c[col]) for c in csv[1:]] == [
+        round(v, 4) for v in [runs[0]["reward_base"]] + s["reward_final"]]
+    for f in ("sweep.md", "sweep.png"):
         assert (out / f).exists(), f
     table = (out / "sweep.md").read_text()
     assert "| base |" in table and "| 100 |" in table and "tilt_tv_base" in table
-    assert "abar_n_i" in table and "random_continuation_steps" in table
     # one target per N_I
-    assert len(s["tilt_tv_base"]) == 2 and s["tilt_tv_base"][0] != s["tilt_tv_base"][1]
+    assert s["tilt_tv_base"][0] != s["tilt_tv_base"][1]
     # a list is the sweep's, not pgraft.py's; a repeated N_I is refused before any run
     capsys.readouterr()
     assert "experiments.pgraft_sweep" in exits_2(
@@ -274,26 +298,60 @@ def test_sweep_writes_table_and_plot(base, tmp_path, capsys):
     assert not os.path.exists(tmp_path / "l") and not os.path.exists(tmp_path / "t")
 
 
-def test_loss_x0_resume_and_current(base, tmp_path, capsys):
-    out = str(tmp_path / "x")
-    common = [
-        "--base",
-        base,
-        "--out",
-        out,
-        "--loss",
-        "x0",
-        "--sample-from",
-        "current",
-        "--lemma-levels",
-        "none",
-    ] + TINY
-    s1 = pgraft.main(common + ["--rounds", "1"])
-    s2 = pgraft.main(common + ["--rounds", "2", "--resume"])
+def test_loss_x0_resume_and_current(base, tmp_path, capsys, monkeypatch):
+    """--loss x0 keeps the accepted X_0 (the pool: their reward, computed here, is the round's
+    logged accepted mean) and trains them with the plain eps loss at n in (N_I, N] only: every
+    training loss is recomputed here from its batch and the generator's state (n above N_I, eps,
+    x_n = sqrt(abar) X_0 + sqrt(1 - abar) eps, the network), and the bridge loss is never called.
+    Stopped after round 1 and resumed, it ends with the uninterrupted 2-round run's weights, pool
+    and rewards (--sample-from current: round 2 samples the model so far; the pool holds only that
+    round's). Bugs it catches: --loss x0 ignored (the bridge loss on X_{N_I}), the x0 loss over
+    the whole chain, a resume that loses the model or the EMA."""
+    from rewards.toy2d import LinearReward
+
+    real, calls = DDPM.loss, []
+
+    def spy(self, model, x0, y=None, generator=None, n_range=None, rows=None):
+        state = generator.get_state()
+        loss = real(self, model, x0, y, generator, n_range, rows)
+        g = torch.Generator().set_state(state)
+        n = torch.randint(n_range[0], n_range[1] + 1, (len(x0),), generator=g)
+        eps = torch.randn(x0.shape, generator=g)
+        ab = self.alpha_bar[n].float()[:, None]
+        with torch.no_grad():
+            pred = model(ab.sqrt() * x0 + (1 - ab).sqrt() * eps, n.float() / self.N, y)
+        assert torch.allclose(loss.detach(), (pred - eps).pow(2).mean(), rtol=1e-5, atol=1e-7)
+        calls.append(n_range)
+        return loss
+
+    def no_bridge(*a, **k):
+        raise AssertionError("the bridge loss under --loss x0")
+
+    monkeypatch.setattr(DDPM, "loss", spy)
+    monkeypatch.setattr(pgraft, "bridge_loss", no_bridge)
+    flags = ["--base", base, "--loss", "x0", "--sample-from", "current", "--lemma-levels",
+             "none"] + TINY
+    out = tmp_path / "x"
+    s1 = pgraft.main(flags + ["--out", str(out), "--rounds", "1"])
+    s2 = pgraft.main(flags + ["--out", str(out), "--rounds", "2", "--resume"])
     assert "resumed from" in capsys.readouterr().out
-    assert s1["loss"] == "x0" and s2["samples_generated"] == 2 * s1["samples_generated"]
-    pool = torch.load(os.path.join(out, "pool_round2.pt"), weights_only=True)
-    assert pool["x"].shape == (50, 2)  # --sample-from current: only this round's accepted samples
+    straight = pgraft.main(flags + ["--out", str(tmp_path / "s"), "--rounds", "2"])
+    n_i, N = s1["n_i"], 200
+    assert n_i == 50 and calls == [(n_i + 1, N)] * 20 * 4  # 20 steps, 4 rounds in all
+    assert s2["samples_generated"] == 2 * s1["samples_generated"] == 400
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rounds = [r for r in rows if "reward_accepted_mean" in r]
+    assert [r["round"] for r in rounds] == [1, 2]
+    pool = torch.load(out / "pool_round2.pt", weights_only=True)["x"]
+    assert pool.shape == (50, 2)  # --sample-from current: only this round's accepted samples
+    assert math.isclose(LinearReward()(pool).mean().item(), rounds[1]["reward_accepted_mean"],
+                        rel_tol=1e-5)
+    a, b = (torch.load(d / "ckpt.pt", weights_only=True) for d in (out, tmp_path / "s"))
+    for part in ("model", "ema"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    assert torch.equal(pool, torch.load(tmp_path / "s" / "pool_round2.pt")["x"])
+    assert s2["reward_final"] == straight["reward_final"]
 
 
 def test_refusals(base, tmp_path, capsys):
@@ -319,7 +377,28 @@ def test_refusals(base, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- image paths ----
+def kept_states_check(out, base, n_i, s):
+    """The pool of a P-GRAFT image run holds the kept states X_{N_I}: still noisy (beyond the
+    [-1, 1] of a clipped X_0) and as spread as abar_{N_I} says; abar_{N_I} is the base's own."""
+    from common import load_base
+
+    _, proc, _ = load_base(base, "cpu")
+    ab = float(proc.alpha_bar[n_i])
+    assert s["n_i"] == n_i and s["abar_n_i"] == ab
+    pool = torch.load(out / "pool_round1.pt", weights_only=True)
+    x = pool["x"]
+    # X_{N_I} = sqrt(ab) X_0 + sqrt(1 - ab) eps with |X_0| <= 1: at ab < 0.5 most of it is noise
+    assert ab < 0.5 and x.abs().max() > 1.5
+    assert abs(x.std().item() - 1) < 0.25, x.std()
+    return pool
+
+
 def test_pgraft_mnist_fabricated(tmp_path):
+    """Class-conditional MNIST at N_I = 0.5 N, checked against direct computations: the pool holds
+    the kept states X_{N_I} (kept_states_check), one per label (K = 1 of each label's M = 2), the
+    accuracy is a fraction of the 10 evaluation samples, no FID at --fid-samples 0. Bugs it
+    catches: the pool keeping X_0 (or clamped states) instead of X_{N_I}, accepted samples paired
+    with the wrong labels, N_I or abar_{N_I} taken from another schedule."""
     from test_rewards import tiny_mnist_setup
 
     data, base, clf = tiny_mnist_setup(tmp_path)
@@ -361,12 +440,19 @@ def test_pgraft_mnist_fabricated(tmp_path):
             "0",
         ]
     )
-    assert s["n_i"] == 500 and "accuracy_final" in s and s["fid_final"] is None
+    pool = kept_states_check(tmp_path / "p", base, 500, s)
+    assert pool["x"].shape == (10, 1, 32, 32) and sorted(pool["y"].tolist()) == list(range(10))
+    assert s["fid_final"] is None and s["fid_base"] is None
+    assert abs(s["accuracy_final"] * 10 - round(s["accuracy_final"] * 10)) < 1e-6
 
 
 def test_pgraft_celeba_fabricated(tmp_path):
-    from test_rewards import make_celeba_tree
+    """CelebA (an unconditional base, the classifier's smiling reward) at N_I = 0.5 N: the pool
+    holds the kept 64 x 64 states X_{N_I} (kept_states_check), K = 1 of M = 2 for each of the 2
+    prompts, and no conditions. Bugs it catches: the pool keeping X_0 (or clamped states), N_I or
+    abar_{N_I} taken from another schedule."""
     from rewards.classifier import train_classifier
+    from test_rewards import make_celeba_tree
 
     root = make_celeba_tree(str(tmp_path / "celeba"))
     pretrain.main(
@@ -433,3 +519,6 @@ def test_pgraft_celeba_fabricated(tmp_path):
     )
     assert s["task"] == "celeba" and s["reward"] == "smiling" and math.isfinite(s["reward_final"])
     assert os.path.exists(tmp_path / "p" / "samples_round1.png")
+    base = str(tmp_path / "base" / "ckpt.pt")
+    pool = kept_states_check(tmp_path / "p", base, torch.load(base)["process"]["n_steps"] // 2, s)
+    assert pool["x"].shape == (2, 3, 64, 64) and "y" not in pool

@@ -13,7 +13,10 @@ Issue #18 (the section at the end): 6. run folders know their owner (OUT/run.jso
 classifier never replaces a file; 7. one writer per folder (OUT/.lock, a stale lock taken over);
 8. no silent fallback; 9. a torn metrics.jsonl line dropped, nothing rewritten before the checks, a
 resumed phase row not repeated; 10. OS errors one line naming the path; 11. sizes (seeds, counts
-against memory); 12. torchrun usage errors printed once; 13. messages name the real cause.
+against memory); 12. torchrun usage errors printed once; 13. messages name the real cause;
+14. SIGTERM / Ctrl-C outside a training loop (a real pgraft process in its diagnostic): a stopped:
+line, 143 / 130; 15. progress lines from within one sampler batch; 16. a non-finite reward spec,
+FID statistics that are not a covariance and an image beyond the pixel limit refused.
 """
 
 import hashlib
@@ -31,6 +34,7 @@ import pytest
 import torch
 
 import common
+import ddpo
 import graft
 import pgraft
 import pretrain
@@ -68,6 +72,8 @@ TINY = [
     "cpu",
 ]
 LEMMA = ["--lemma-levels", "0.5", "--lemma-states", "16", "--lemma-continuations", "2"]
+DDPO_TINY = ["--prompts", "16", "--M", "4", "--sample-steps", "10", "--batch-size", "64",
+             "--eval-samples", "100", "--rounds", "1", "--device", "cpu"]
 INV_TINY = [
     "--sample-steps",
     "5",
@@ -122,12 +128,16 @@ def file_hash(path):
 
 
 def tree_hash(folder):
-    """{relative path: sha256} of every file under ``folder``: equal means byte-identical."""
-    return {
-        os.path.relpath(os.path.join(d, f), folder): file_hash(os.path.join(d, f))
-        for d, _, files in os.walk(folder)
-        for f in files
-    }
+    """{relative path: sha256} of every file under ``folder`` and {relative path/: "folder"} of
+    every folder in it: equal means byte-identical, no file or folder (an empty one, a lock
+    folder) made or removed."""
+    out = {}
+    for d, dirs, files in os.walk(folder):
+        for name in dirs:
+            out[os.path.relpath(os.path.join(d, name), folder) + os.sep] = "folder"
+        for name in files:
+            out[os.path.relpath(os.path.join(d, name), folder)] = file_hash(os.path.join(d, name))
+    return out
 
 
 def exits_2(main, argv, capsys):
@@ -173,6 +183,7 @@ def runs(tmp_path_factory):
         pre=root / "pretrain",
         graft=root / "graft",
         pgraft=root / "pgraft",
+        ddpo=root / "ddpo",
         inv=root / "inverse_noise",
         clf=root / "classifier",
         fid=root / "fid",
@@ -183,6 +194,7 @@ def runs(tmp_path_factory):
     r.flow = _pretrain(r.flow_dir, "--model", "flow", "--train-steps", "100")
     graft.main(["--base", r.base, "--out", str(r.graft)] + TINY)
     pgraft.main(["--base", r.base, "--out", str(r.pgraft)] + TINY + LEMMA)
+    ddpo.main(["--base", r.base, "--out", str(r.ddpo)] + DDPO_TINY)
     if INV_READY:
         inverse_noise.main(["--base", r.flow, "--out", str(r.inv)] + INV_TINY)
     # fabricated MNIST: a tiny class-conditional base (another task's DDPM) and a classifier
@@ -270,6 +282,7 @@ MODULES = {
     "pretrain": pretrain,
     "graft": graft,
     "pgraft": pgraft,
+    "ddpo": ddpo,
     "inverse_noise": inverse_noise,
     "classifier": classifier_cli,
     "fid": fid_cli,
@@ -280,6 +293,7 @@ DEFAULTS = {
     "pretrain": ["--device", "cpu", "--out", "{pre}", "--train-steps", "20", "--batch-size", "64"],
     "graft": ["--base", "{base}", "--out", "{graft}"] + TINY,
     "pgraft": ["--base", "{base}", "--out", "{pgraft}"] + TINY + LEMMA,
+    "ddpo": ["--base", "{base}", "--out", "{ddpo}"] + DDPO_TINY,
     "inverse_noise": ["--base", "{flow}", "--out", "{inv}"] + INV_TINY,
     "classifier": [
         "--task",
@@ -376,6 +390,29 @@ BAD = [
     ("pgraft", "base-flow", ["--base", "{flow}"], "DDPM"),
     ("pgraft", "base-other-task", ["--base", "{mnist_base}"], "mnist"),
     ("pgraft", "resume-other-n-i", ["--resume", "--n-i", "0.5"], "--n-i"),
+    # -- ddpo.py
+    ("ddpo", "clip-range-0", ["--clip-range", "0"], "--clip-range"),
+    ("ddpo", "adv-clip-neg", ["--adv-clip", "-1"], "--adv-clip"),
+    ("ddpo", "inner-epochs-0", ["--inner-epochs", "0"], "--inner-epochs"),
+    ("ddpo", "timestep-fraction-1.5", ["--timestep-fraction", "1.5"], "--timestep-fraction"),
+    ("ddpo", "timestep-fraction-0", ["--timestep-fraction", "0"], "--timestep-fraction"),
+    ("ddpo", "buffer-size-0", ["--buffer-size", "0"], "--buffer-size"),
+    ("ddpo", "min-count-above-buffer", ["--min-count", "40", "--buffer-size", "20"], "--min-count"),
+    ("ddpo", "kl-coef-neg", ["--kl-coef", "-0.1"], "--kl-coef"),
+    ("ddpo", "kl-coef-nan", ["--kl-coef", "nan"], "--kl-coef"),
+    ("ddpo", "lr-nan", ["--lr", "nan"], "--lr"),
+    ("ddpo", "batch-size-0", ["--batch-size", "0"], "--batch-size"),
+    ("ddpo", "ddim-eta-0", ["--sampler", "ddim", "--eta", "0"], "--eta 0"),
+    ("ddpo", "eta-with-ddpm", ["--eta", "0.5", "--sampler", "ddpm"], "--eta"),
+    ("ddpo", "sample-steps-1", ["--sample-steps", "1"], "no stochastic step"),
+    ("ddpo", "sample-steps-above-N", ["--sample-steps", "201"], "--sample-steps"),
+    ("ddpo", "cfg-unconditional", ["--cfg-scale", "2"], "--cfg-scale"),
+    ("ddpo", "device-tpu", ["--device", "tpu"], "--device"),
+    ("ddpo", "out-is-file", ["--out", "{ddpo}/summary.json"], "is a file"),
+    ("ddpo", "base-flow", ["--base", "{flow}"], "DDPM"),
+    ("ddpo", "base-text", ["--base", "{bad}/text.txt"], "text.txt"),
+    ("ddpo", "base-other-task", ["--base", "{mnist_base}"], "mnist"),
+    ("ddpo", "resume-other-clip-range", ["--resume", "--clip-range", "0.2"], "--clip-range"),
     # -- inverse_noise.py
     ("inverse_noise", "train-steps-0", ["--train-steps", "0"], "--train-steps"),
     ("inverse_noise", "sample-steps-0", ["--sample-steps", "0"], "--sample-steps"),
@@ -433,6 +470,7 @@ SUBPROCESS = [  # the real exit code of the real command lines
     ),
     (["graft.py"], "graft", ["--base", "{bad}/text.txt"], "text.txt"),
     (["pgraft.py"], "pgraft", ["--n-i", "250"], "--n-i"),
+    (["ddpo.py"], "ddpo", ["--min-count", "40", "--buffer-size", "20"], "--min-count"),
     (["inverse_noise.py"], "inverse_noise", ["--base", "{base}"], "rectified flow"),
     (["-m", "rewards.classifier"], "classifier", ["--out", "{clf}"], "is a folder"),
     (["-m", "eval.fid"], "fid", ["{bad}/a.npz", "{bad}/nan_mu.npz"], "nan_mu.npz"),
@@ -458,8 +496,42 @@ def params(cases, cmd=False):
     return out
 
 
-def test_at_least_40_bad_inputs():
-    assert len(BAD) + len(SUBPROCESS) >= 40 and {c[0] for c in BAD} == set(MODULES)
+def test_every_numeric_flag_refuses_a_bad_value(capsys):
+    """Every number a script takes (a config field typed int or float) has a check, and a value
+    the check refuses (the first of -1, 0, nan, inf, 1.5, nope that it rejects) exits 2 at parsing
+    with one error line naming the flag; every script has rows in BAD. Bug it catches: a numeric
+    flag declared or edited without its check, which would take a negative batch or a NaN rate
+    into a run (counting the table's rows, as this test did, held by construction)."""
+    import argparse
+    import dataclasses
+
+    import harness
+
+    assert {c[0] for c in BAD} == set(MODULES)
+    scripts = [pretrain, graft, pgraft, ddpo] + ([inverse_noise] if INV_READY else [])
+    seen = 0
+    for mod in scripts:
+        for f in dataclasses.fields(mod.Args):
+            if f.type not in (int, float) or isinstance(f.default, bool):
+                continue
+            check, flag = f.metadata.get("check"), "--" + f.name.replace("_", "-")
+            assert check is not None, f"{mod.__name__}.py {flag} takes any number"
+            bad = None
+            for v in ("-1", "0", "nan", "inf", "1.5", "nope"):
+                try:
+                    check(v)
+                except (argparse.ArgumentTypeError, ValueError, TypeError):
+                    bad = v
+                    break
+            assert bad is not None, f"{mod.__name__}.py {flag}: its check refuses nothing"
+            capsys.readouterr()
+            with pytest.raises(SystemExit) as e:
+                harness.parse(mod.Args, [flag, bad], task_defaults=mod.TASK_DEFAULTS)
+            err = capsys.readouterr().err.strip()
+            assert e.value.code == 2 and err.startswith("error:") and "\n" not in err, err
+            assert flag in err, (mod.__name__, flag, err)
+            seen += 1
+    assert seen >= 60, seen
 
 
 @pytest.mark.parametrize("script,name,flags,word", params(BAD))
@@ -475,11 +547,14 @@ def test_bad_input_exits_2_in_one_line_and_keeps_runs(
 
 @pytest.mark.parametrize("cmd,script,flags,word", params(SUBPROCESS, cmd=True))
 def test_bad_input_subprocess_exit_code(runs, cmd, script, flags, word):
+    """Run from runs.root/cwd (the scripts by their full path, the modules on PYTHONPATH), so that
+    what a refused command would write by default, relative to where it runs, shows in the hash."""
     before = tree_hash(runs.root)
+    cmd = [os.path.join(ROOT, c) if c.endswith(".py") else c for c in cmd]
     p = subprocess.run(
         [sys.executable, *cmd, *command(script, flags, runs)],
-        cwd=ROOT,
-        env=ENV,
+        cwd=runs.root / "cwd",
+        env={**ENV, "PYTHONPATH": ROOT},
         capture_output=True,
         text=True,
         timeout=120,
@@ -942,3 +1017,32 @@ def test_progress_lines_from_within_one_sampler_batch(tmp_path, monkeypatch, cap
     lines = [ln for ln in capsys.readouterr().err.splitlines() if "steps of sample batch" in ln]
     assert len(lines) >= 10, lines
     assert lines[-1].startswith("sampler steps of sample batch 1/1: ")
+
+
+# 16. item 5/6 leftovers: a reward spec that is not a finite number, FID statistics that are not a
+# covariance, an image in an FID folder beyond the pixel limit: one error each, before any work
+def test_reward_fid_and_image_limits_refused(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    import rewards
+    from tasks import get_task
+
+    for spec in ("linear:1e999", "linear:nan"):
+        with pytest.raises(common.UsageError, match="a finite number"):
+            rewards.get_reward(spec, get_task("toy2d"))
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(50, 4))
+    np.savez(tmp_path / "a.npz", mu=f.mean(0), sigma=np.cov(f, rowvar=False))
+    np.savez(tmp_path / "neg.npz", mu=f.mean(0), sigma=-np.eye(4))
+    asym = np.eye(4)
+    asym[0, 1] = 0.5
+    np.savez(tmp_path / "asym.npz", mu=f.mean(0), sigma=asym)
+    for bad in ("neg", "asym"):
+        err = exits_2(fid_cli.main, [str(tmp_path / "a.npz"), str(tmp_path / f"{bad}.npz"),
+                                     "--device", "cpu"], capsys)
+        assert f"{bad}.npz: sigma is not a covariance" in err, err
+    monkeypatch.setattr(fid_cli, "MAX_PIXELS", 100)
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (20, 20)).save(tmp_path / "imgs" / "big.png")
+    with pytest.raises(fid_cli.FIDInputError, match="20x20 pixels, more than the 100"):
+        fid_cli.ImageFolder(str(tmp_path / "imgs"))[0]
