@@ -12,7 +12,6 @@ graft.py's files but no pool (OUT: runs/ddpo/<task>).
 
 import dataclasses
 import math
-import os
 from collections import deque
 
 import numpy as np
@@ -178,8 +177,8 @@ def settings(args, *, base_path, reward, conditional, eta, N, T, k_steps, n_tran
     return dict(
         base=base_path, conditional=conditional, reward=f"{reward.name}: {reward.description}",
         samples_per_round=f"{a.prompts} conditions x M={a.M} = {per_round}", rounds=a.rounds,
-        sample_budget=a.rounds * per_round,
-        sampler=f"{a.sampler} eta={eta}, {a.sample_steps} steps over N={N}, cfg {a.cfg_scale}",
+        sample_budget=a.rounds * per_round, sampler=f"{a.sampler} eta={eta}, "
+        f"{a.sample_steps} steps over N={N}, cfg {a.cfg_scale}",
         mdp=f"{T} stochastic steps per chain (+1 deterministic to n = 0); states kept {mib:.1f} "
         "MiB per round",
         ppo=f"clip {a.clip_range}, {a.inner_epochs} inner epoch(s) x {k_steps} of {T} steps per "
@@ -201,9 +200,8 @@ def main(argv=None):
         harness.refuse(f"--min-count {args.min_count} exceeds --buffer-size {args.buffer_size}: no "
                        "condition could ever use its own statistics")
     task = get_task(args.task)
-    # an --out that holds a run is refused in run.begin, after the flags and the base are checked
-    run = harness.Run(args, script="ddpo", out=os.path.join("runs", "ddpo", task.name),
-                      refuse_held=False)
+    # a held --out is refused in run.begin, after the flags and the base are checked
+    run = harness.Run(args, script="ddpo", out=f"runs/ddpo/{task.name}", refuse_held=False)
     device, dist, clip = run.device, run.dist, task.kind == "image"
     fid_samples = common.fid_count(args.fid_samples, device, task)
     torch.manual_seed(args.seed)

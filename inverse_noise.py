@@ -95,8 +95,7 @@ TASK_DEFAULTS = {
     "celeba": dict(sample_steps=100, invert_samples=10000, chunk_size=512, sample_batch=256,
                    corrector_preset="tiny", train_steps=200_000, batch_size=128, lr=2e-4,
                    eval_samples=1000),
-    "celebahq": IMAGE256, "church": IMAGE256,
-}
+    "celebahq": IMAGE256, "church": IMAGE256}
 # fmt: on
 # the 2-D correctors: TimeMLP hidden width (depth 3)
 MLP_PRESETS = {"mlp": 256, "mlp128": 128, "mlp64": 64}
