@@ -185,20 +185,6 @@ class Parser(argparse.ArgumentParser):
         fail(f"{message} (see --help)")
 
 
-def parser(description, task_defaults=None):
-    """A Parser whose epilog lists the script's per-task overrides of its defaults."""
-    epilog = None
-    if task_defaults:
-        epilog = (
-            "per-task defaults (override the ones above when --task is that task): "
-            + "; ".join(
-                f"{t}: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in d.items())
-                for t, d in task_defaults.items()
-            )
-        )
-    return Parser(description, epilog)
-
-
 def _number(cast, lo=None, hi=None, lo_open=False, what=None):
     def check(text):
         try:
@@ -249,73 +235,6 @@ def int_list(text):
     if not vals or vals[0] < 1:
         raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
     return vals
-
-
-def add_run_args(p, task="toy2d"):
-    """The flags every script has: --task --out --seed --device --resume --data-dir --bf16
-    --compile."""
-    from tasks import TASKS
-
-    p.add_argument(
-        "--task",
-        default=task,
-        choices=list(TASKS),
-        help="task from tasks.py: data, sizes, defaults",
-    )
-    p.add_argument("--out", default=None, help="output folder (None: runs/<script>/<task>...)")
-    p.add_argument(
-        "--seed",
-        type=seed_int,
-        default=0,
-        help="seed of every random draw (data order, noise, init)",
-    )
-    p.add_argument(
-        "--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)"
-    )
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from OUT/ckpt.pt (flags that define the run must "
-        "match the checkpoint's; see 'may change on resume' below)",
-    )
-    p.add_argument(
-        "--data-dir",
-        default=None,
-        help="where the task's data lies (None: the task's default; README)",
-    )
-    p.add_argument(
-        "--bf16", action="store_true", help="bf16 autocast for network calls (CUDA only)"
-    )
-    p.add_argument("--compile", action="store_true", help="torch.compile the network (CUDA only)")
-    return p
-
-
-def parse(p, argv=None, task_defaults=None, may_change=()):
-    """Parse twice: once for --task, then with that task's overrides as defaults. Returns
-    (args, given) where ``given`` is the set of flags typed on the command line."""
-    if may_change:
-        p.epilog = (
-            (p.epilog + " | " if p.epilog else "")
-            + "may change on resume: "
-            + ", ".join(f"--{k.replace('_', '-')}" for k in may_change)
-        )
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--task", default=p.get_default("task"))
-    task = pre.parse_known_args(argv)[0].task
-    if task_defaults and task in task_defaults:
-        p.set_defaults(**task_defaults[task])
-    args = p.parse_args(argv)
-    # which flags were typed: parse again with every default suppressed
-    blank = argparse.Namespace()
-    saved = {a.dest: a.default for a in p._actions}
-    try:
-        for a in p._actions:
-            a.default = argparse.SUPPRESS
-        p.parse_args(argv, namespace=blank)
-    finally:
-        for a in p._actions:
-            a.default = saved[a.dest]
-    return args, set(vars(blank))
 
 
 def pick_device(name):
