@@ -473,8 +473,12 @@ def check_owner(out, script, kind, fields, files):
         owner = read_json(rec, "the run record")
         made = (owner.get("script"), owner.get("kind")) if isinstance(owner, dict) else (None, None)
         if made != (script, kind):
+            # the same script with another task or model: name the flags that differ
+            diff = "".join(f"; --{name} {a} -> {b}" for name, a, b in zip(
+                ("task", "model"), str(made[1]).split(), kind.split()) if a != b)
             raise UsageError(f"--out {out} holds a run of {made[0]}.py ({made[1]}), not of "
-                             f"{script}.py ({kind}); pass another --out")
+                             f"{script}.py ({kind}){diff if made[0] == script else ''}; pass "
+                             f"another --out")
         return
     old = os.path.join(out, "args.json")
     if os.path.isfile(old):
@@ -1299,3 +1303,12 @@ def check_continuation(process, n_i, sample_steps, eta):
             f"{float(process.alpha_bar[ok]):.3f}) or more, or raise --sample-steps"
         )
     return k
+
+
+def finetune_summary(args, method, *, samples, reward, eta, ema):
+    """The settings a fine-tuning script's summary.json opens with (graft.py, pgraft.py)."""
+    return dict(task=args.task, method=method, accept=args.accept, M=args.M, K=args.K,
+                tau=args.tau, alpha=args.alpha, rounds=args.rounds, samples_generated=samples,
+                reward=reward.name, sample_from=args.sample_from, sampler=args.sampler,
+                sample_steps=args.sample_steps, eta=eta, cfg_scale=args.cfg_scale,
+                ema=ema.describe())

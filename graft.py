@@ -179,11 +179,8 @@ def main(argv=None):
                                         middle=(f"accepted X_0, round {rnd}", x0[mask]),
                                         name="graft", nrow=ref.config.get("num_classes")))
 
-    summary = dict(task=task.name, method="graft", accept=args.accept, M=args.M, K=args.K,
-                   tau=args.tau, alpha=args.alpha, rounds=args.rounds, samples_generated=samples,
-                   reward=reward.name, sample_from=args.sample_from, sampler=args.sampler,
-                   sample_steps=args.sample_steps, eta=eta, cfg_scale=args.cfg_scale,
-                   ema=ema.describe())
+    summary = common.finetune_summary(args, "graft", samples=samples, reward=reward, eta=eta,
+                                      ema=ema)
     summary.update(common.evaluation_summary(base_eval, last, task, fid_samples, target))
     return run.finish(**summary, base=base_path)
 

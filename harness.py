@@ -215,9 +215,9 @@ class Run:
         common.check_out(args.out)
         self.run_files = ("summary.json", ckpt)
         self.kind = check_flags(args, script, self.device, self.main)
-        common.check_owner(args.out, script, self.kind, [f.name for f in dataclasses.fields(args)],
-                           ("metrics.jsonl",) + self.run_files)
+        self.owner_checked = False
         if refuse_held:
+            self.check_owner()
             common.check_fresh(args.out, args.resume, self.run_files)
         self.out, self.ckpt_path = args.out, os.path.join(args.out, ckpt)
         # the checkpoint check_resume kept for restore
@@ -241,11 +241,24 @@ class Run:
     def path(self, name):
         return os.path.join(self.out, name)
 
+    def check_owner(self):
+        """Refuse an --out that another script (or kind of run) made; with refuse_held=False this
+        waits until the script's own input checks are done (``resume`` / ``check_resume``)."""
+        if not self.owner_checked:
+            common.check_owner(self.args.out, self.script, self.kind,
+                               [f.name for f in dataclasses.fields(self.args)],
+                               ("metrics.jsonl",) + self.run_files)
+            self.owner_checked = True
+
     def resume(self, *, model=None, ema=None, opt=None):
         """``begin``'s first half, for a script that needs the restored state before anything is
         written (a dry run, reading the first batch): under --resume, check OUT/ckpt.pt against
         the flags and restore it, with the unlogged losses ``save`` kept. Returns (done, saved)."""
         self.watch(model)
+        # restoring another script's checkpoint is what must not happen; a fresh run is checked
+        # in begin, after the script has read its data
+        if self.args.resume:
+            self.check_owner()
         ckpt = common.load_resume(self.ckpt_path, self.args, may_change(type(self.args)))
         done, saved = 0, {}
         if ckpt is not None:
@@ -266,6 +279,7 @@ class Run:
         """Resume (checked against the flags, then weights, EMA, optimiser and RNG restored), write
         OUT/args.json and print the run's derived settings. Returns (done, saved): the rounds (or
         steps) finished and the ``extra`` dict the last checkpoint saved ({} when fresh)."""
+        self.check_owner()
         if self.resumed is None:
             self.resume(model=model, ema=ema, opt=opt)
         done, saved, resumed = self.resumed
@@ -295,6 +309,8 @@ class Run:
         training comes after another resumable phase: ``begin`` then keeps the log's rows up to the
         checkpoint whenever --resume is given (the earlier phase's rows too), and ``restore`` puts
         the state back where training starts."""
+        if self.args.resume:
+            self.check_owner()
         self.ckpt = common.load_resume(self.ckpt_path, self.args, may_change(type(self.args)))
         saved = (self.ckpt or {}).get("extra") or {}
         self.resumed = ((self.ckpt or {}).get("step", 0), saved, self.args.resume)

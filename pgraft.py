@@ -29,7 +29,7 @@ import common
 import harness
 import rewards
 from eval import lemma43
-from eval.metrics import FID, evaluate_samples
+from eval.metrics import FID
 from harness import arg
 from models import EMA, lr_at, model_from_checkpoint
 from rewards.acceptance import AcceptRule, condition_groups
@@ -69,16 +69,7 @@ def main(argv=None):
                       f"{task.name}-{args.accept}"), batch_size=args.batch_size,
                       refuse_held=False)
     device = run.device
-    eta = common.sampler_eta(args.sampler, args.eta, "eta" in given)
-    if eta == 0:
-        harness.refuse("P-GRAFT needs a random continuation N_I -> 0, but --sampler ddim --eta 0 "
-                       "is deterministic: X_0 would be a function of X_{N_I} and P-GRAFT would "
-                       "collapse to GRAFT; use --sampler ddpm or --eta > 0")
-    if args.lemma_continuations < 2:
-        harness.refuse("--lemma-continuations must be >= 2 (a variance needs two continuations)")
-    if "," in args.n_i:
-        harness.refuse(f"--n-i {args.n_i}: pgraft.py runs one N_I; sweep a list with python -m "
-                       f"experiments.pgraft_sweep --n-i {args.n_i}")
+    eta = check_flags(args, given)
     rule = AcceptRule(args.accept, args.M, args.K, args.tau, args.alpha)
     args.K = rule.K
     fid_samples = common.fid_count(args.fid_samples, device, task)
@@ -126,37 +117,14 @@ def main(argv=None):
     if levels and run.main and not done:
         # Lemma 4.3: E[Var(r(X_0) | X_t)] of the reference at each level t and at N_I
         lemma = lemma43.run(ref_net, process, task, reward, levels=levels, n_is=[n_i],
-                            states=args.lemma_states, continuations=args.lemma_continuations,
-                            seed=args.seed, device=device, conditional=conditional, data=data,
-                            eta=eta, sample_steps=args.sample_steps,
-                            sample_batch=args.sample_batch, out_dir=args.out)
-
-    @torch.no_grad()
-    def draw(net, y, n, seed):
-        """n samples X_0 and their states X_{N_I}, this rank's share of the batches. ALGORITHM
-        (paper, P-GRAFT, inference): ``net`` runs N -> N_I, the frozen reference N_I -> 0."""
-        x0s, xnis = [], []
-        for z, yb, gen in run.noise_batches(n, shape=task.shape(), seed=seed,
-                                            batch=args.sample_batch, y=y):
-            x, at = process.sample([(net, N, n_i), (ref_net, n_i, 0)], z, y=yb, generator=gen,
-                                   eta=eta, num_steps=args.sample_steps, return_at=[n_i],
-                                   clip=task.kind == "image", cfg_scale=args.cfg_scale,
-                                   progress=run.batch_progress)
-            x0s.append(x.clamp(-1, 1) if task.kind == "image" else x)
-            xnis.append(at[n_i])
-        return run.gather(x0s, shape=task.shape()), run.gather(xnis, shape=task.shape())
-
+                            device=device, conditional=conditional, data=data, eta=eta,
+                            **lemma43.flags(args))
     def evaluate(net, tag):
-        """Reward (and accuracy, FID, mode weights) of fresh samples; the same conditions and noise
-        for the base and every round."""
-        n, seed = max(args.eval_samples, fid_samples), args.seed + 999_983
-        y = task.sample_conditions(n, common.generator(seed, device), device,
-                                   data) if conditional else None
-        x = draw(net, y, n, seed)[0]
-        ev = evaluate_samples(x, y, reward, task, args.eval_samples, fid, target,
-                              args.sample_batch)
-        common.print_eval(tag, ev)
-        return ev, x
+        """Fresh samples on fixed noise (the base's and every round's): ``net`` N -> N_I, the
+        frozen reference N_I -> 0; reward, accuracy, FID, mode weights."""
+        return run.evaluate([(net, N, n_i), (ref_net, n_i, 0)], tag, process=process, task=task,
+                            reward=reward, eta=eta, conditional=conditional, data=data, fid=fid,
+                            fid_samples=fid_samples, target=target)
 
     base_eval, x_base = saved.get("base_eval"), saved.get("base_preview")
     if base_eval is None:
@@ -173,7 +141,8 @@ def main(argv=None):
             sampler = common.wrap_net(ema.model, args.bf16, args.compile) if current else ref_net
             y = task.sample_conditions(args.prompts, gen, device, data,
                                        repeat=args.M) if conditional else None
-            x0, x_ni = draw(sampler, y, per_round, args.seed * 1000 + rnd)
+            x0, x_ni = draw(run, process, [(sampler, N, n_i), (ref_net, n_i, 0)], y, per_round,
+                            args.seed * 1000 + rnd, n_i=n_i, eta=eta, task=task)
             samples += per_round
             # 2. reward every sample's X_0
             r = rewards.score(reward, x0, y, args.sample_batch)
@@ -221,7 +190,6 @@ def main(argv=None):
                 loss_mean = run.step(loss, step=step + 1, steps=args.train_steps, model=model,
                                      lr=lr, round=rnd)
             model.eval()
-
             # 5. evaluate: fine-tuned EMA weights N -> N_I, the frozen reference N_I -> 0
             last, x_final = evaluate(common.wrap_net(ema.model, args.bf16, args.compile),
                                      f"round {rnd}")
@@ -238,15 +206,43 @@ def main(argv=None):
                                         name=f"pgraft N_I={n_i}",
                                         nrow=ref.config.get("num_classes")))
 
-    summary = dict(task=task.name, method="pgraft", accept=args.accept, M=args.M, K=args.K,
-                   tau=args.tau, alpha=args.alpha, rounds=args.rounds, samples_generated=samples,
-                   reward=reward.name, sample_from=args.sample_from, sampler=args.sampler,
-                   sample_steps=args.sample_steps, eta=eta, cfg_scale=args.cfg_scale,
-                   ema=ema.describe())
+    summary = common.finetune_summary(args, "pgraft", samples=samples, reward=reward, eta=eta,
+                                      ema=ema)
     summary.update(common.evaluation_summary(base_eval, last, task, fid_samples, target))
     summary.update(n_i=n_i, n_i_frac=n_i / N, abar_n_i=abar_ni,
                    random_continuation_steps=random_steps, loss=args.loss, lemma43=lemma)
     return run.finish(**summary, base=base_path)
+
+
+@torch.no_grad()
+def draw(run, process, segments, y, n, seed, *, n_i, eta, task):
+    """n samples X_0 and their states X_{N_I}, this rank's share of the batches. ALGORITHM (paper,
+    P-GRAFT, inference): ``segments`` = [(net, N, N_I), (reference, N_I, 0)]."""
+    args, x0s, xnis = run.args, [], []
+    for z, yb, gen in run.noise_batches(n, shape=task.shape(), seed=seed, batch=args.sample_batch,
+                                        y=y):
+        x, at = process.sample(segments, z, y=yb, generator=gen, eta=eta,
+                               num_steps=args.sample_steps, return_at=[n_i],
+                               clip=task.kind == "image", cfg_scale=args.cfg_scale,
+                               progress=run.batch_progress)
+        x0s.append(x.clamp(-1, 1) if task.kind == "image" else x)
+        xnis.append(at[n_i])
+    return run.gather(x0s, shape=task.shape()), run.gather(xnis, shape=task.shape())
+
+
+def check_flags(args, given):
+    """P-GRAFT's own refusals before any work; returns the sampler's eta."""
+    eta = common.sampler_eta(args.sampler, args.eta, "eta" in given)
+    if eta == 0:
+        harness.refuse("P-GRAFT needs a random continuation N_I -> 0, but --sampler ddim --eta 0 "
+                       "is deterministic: X_0 would be a function of X_{N_I} and P-GRAFT would "
+                       "collapse to GRAFT; use --sampler ddpm or --eta > 0")
+    if args.lemma_continuations < 2:
+        harness.refuse("--lemma-continuations must be >= 2 (a variance needs two continuations)")
+    if "," in args.n_i:
+        harness.refuse(f"--n-i {args.n_i}: pgraft.py runs one N_I; sweep a list with python -m "
+                       f"experiments.pgraft_sweep --n-i {args.n_i}")
+    return eta
 
 
 def bridge_loss(net, x_ni, y, n_i, process, gen, rows=None):

@@ -182,3 +182,9 @@ def one_round_ceiling(net, process, task, reward, rule, *, n_is, prompts, M, gen
                             gain_prob=None if p_acc is None else p_acc - p_all,
                             accepted=int(mask.sum()))
     return dict(sorted(out.items()))
+
+
+def flags(args):
+    """``run``'s keyword arguments that a script's flags give (--lemma-states, --seed, ...)."""
+    return dict(states=args.lemma_states, continuations=args.lemma_continuations, seed=args.seed,
+                sample_steps=args.sample_steps, sample_batch=args.sample_batch, out_dir=args.out)

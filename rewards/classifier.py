@@ -470,11 +470,6 @@ def main(argv=None):
                 f"--out {out} is a folder; give the checkpoint's file path, e.g. "
                 f"{out}/classifier.pt"
             )
-        if os.path.exists(out):
-            # never replace a file (a pretraining checkpoint, an earlier classifier) silently
-            raise UsageError(
-                f"--out {out} exists ({_what_is(out)}); delete it to retrain, or pass a new path"
-            )
         if args.device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         else:
@@ -488,6 +483,13 @@ def main(argv=None):
                 raise UsageError(
                     f"--device {args.device} asked for CUDA but none is available; use --device cpu"
                 )
+        # the data is checked before an existing --out is refused, so a data error names the data
+        get_task(args.task).dataset("train", args.data_dir)
+        if os.path.exists(out):
+            # never replace a file (a pretraining checkpoint, an earlier classifier) silently
+            raise UsageError(
+                f"--out {out} exists ({_what_is(out)}); delete it to retrain, or pass a new path"
+            )
         train_classifier(
             args.task,
             out,
