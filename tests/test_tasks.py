@@ -180,4 +180,5 @@ def test_missing_data_exits_2_with_one_line(tmp_path):
     )
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "is not a folder" in lines[0] and "celeba" in lines[0] and str(tmp_path / "nope") in lines[0]
+    assert len(lines) == 1 and "is not a folder" in lines[0] and "celeba" in lines[0]
+    assert str(tmp_path / "nope") in lines[0]
