@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import math
 import os
+import signal
 import time
 
 import torch
@@ -493,6 +494,9 @@ class Run:
         summary = self.log.summary(**dict(summary, torchrun=self.shares(),
                                           checkpoint=self.ckpt_path))
         common.print_done(summary, self.out, keys=shown)
+        # a script called as a function (tests, experiments) leaves SIGTERM as it found it
+        if signal.getsignal(signal.SIGTERM) is common._stop_now:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
         return summary
 
     # ---- sharded sampling: batch k draws its noise from its own generator (seed, k), so
