@@ -592,6 +592,30 @@ def check_sizes(counts, elements, device):
                 f"{total / 2**30:.3g} GiB of {device}; use a smaller {flag}")
 
 
+# images per sampler call of pretrain.py's final evaluation
+EVAL_BATCH = 256
+
+
+def check_attention_memory(model, shape, counts, device):
+    """Refuse a batch whose attention score matrices cannot fit the machine, before any work: on
+    the CPU, scaled_dot_product_attention materialises them (H W)^2 per head, so a preset with
+    attention at a high resolution (``tiny`` at 256 pixels) asks for tens of GiB per image.
+    ``counts`` = {flag: (rows per process, with gradients)}."""
+    from models.unet import attention_bytes
+
+    if device.type != "cpu" or len(shape) != 3:
+        return
+    total = memory_bytes(device)
+    for flag, (n, grad) in counts.items():
+        need = attention_bytes(model, shape[1], shape[2], n, grad)
+        if need > total:
+            raise UsageError(
+                f"{flag} {n}: this network's attention on {shape[1]}x{shape[2]} images needs at "
+                f"least {need / 2**30:.3g} GiB on the CPU ({need / n / 2**30:.3g} GiB per image), "
+                f"more than the {total / 2**30:.3g} GiB here; use a smaller {flag}, a preset with "
+                f"attention only at low resolution (base256, corrector256), or a GPU")
+
+
 def os_error(e):
     """An OSError as one line naming the path (read-only, no space, file too large, denied)."""
     path = e.filename if e.filename is not None else "?"

@@ -31,9 +31,6 @@ from models import drop_conditions, save_checkpoint
 from rewards.acceptance import RULES
 from tasks import TASKS, UsageError
 
-LOG_EVERY = 100  # optimiser steps per logged loss (one host sync each)
-
-
 # ---------------------------------------------------------------- the config block ----
 def arg(default, doc, *, check=None, choices=None, may_change=False):
     """One config field: its default, a one-line doc (the --help text), an argparse type that
@@ -58,6 +55,8 @@ class RunArgs:
                         may_change=True)
     bf16: bool = arg(False, "bf16 autocast for network calls (CUDA only)")
     compile: bool = arg(False, "torch.compile the network (CUDA only)", may_change=True)
+    log_every: int = arg(100, "optimiser steps per logged (and divergence-checked) loss; each "
+                         "log is one host sync", check=common.pos_int, may_change=True)
 
 
 # fmt: off
@@ -203,7 +202,9 @@ class Run:
         that to ``begin``, after the script's own input checks, so a bad flag is named first.
         ``ckpt``: the checkpoint's path inside --out (with summary.json, what marks a run)."""
         self.args, self.script, self.unit = args, script, unit
-        # SIGTERM outside a training loop (diagnostic, evaluation, inversion): a stopped: line, 143
+        # SIGTERM outside a training loop (diagnostic, evaluation, inversion): a stopped: line,
+        # 143; ``finish`` puts back the handler found here
+        self.sigterm_found = signal.getsignal(signal.SIGTERM)
         common.stop_outside_loops()
         common.PHASE["name"] = f"the checks of {script}.py"
         self.dist = common.Dist(common.pick_device(args.device))
@@ -361,12 +362,30 @@ class Run:
                     train_steps=steps)
 
     # ---- what each rank did: summary.json's "torchrun" (a user checks that P ranks split the work)
+    def check_memory(self, model):
+        """Refuse batch sizes whose attention cannot fit this machine (common.check_attention_memory)
+        for ``model``, the network being trained, on this rank's rows: --batch-size with
+        gradients, the sampling batch (--sample-batch, or pretrain's evaluation) without."""
+        a, world = self.args, self.dist.world
+        counts = {}
+        if isinstance(getattr(a, "batch_size", None), int):
+            counts["--batch-size"] = (-(-a.batch_size // world), True)
+        if isinstance(getattr(a, "sample_batch", None), int):
+            counts["--sample-batch"] = (a.sample_batch, False)
+        elif isinstance(getattr(a, "eval_samples", None), int):
+            counts["--eval-samples"] = (min(a.eval_samples, common.EVAL_BATCH), False)
+        cfg = getattr(model, "config", None)
+        size = cfg.get("image_size") if isinstance(cfg, dict) else None
+        common.check_attention_memory(model, TASKS[a.task].shape(size), counts, self.device)
+
     def watch(self, model):
         """Count the rows that ``model``, the network being trained (``resume`` and ``restore``
         call this), runs forward on with gradients on: this rank's share of the training, whatever
-        splits the batch (Run.rows, a script's own split)."""
+        splits the batch (Run.rows, a script's own split). Its attention's memory is checked first
+        (``check_memory``)."""
         if model is None or self.watched is model:
             return
+        self.check_memory(model)
         self.watched = model
         model.register_forward_pre_hook(self._count_rows, with_kwargs=True)
 
@@ -404,7 +423,7 @@ class Run:
 
     def step(self, loss, *, step, steps, model, lr, round=None, resume_hint=None, stop=True,
              approx_kl=None, clipfrac=None, phase=None):
-        """After an optimiser step: keep the loss for the logged window; every LOG_EVERY steps and
+        """After an optimiser step: keep the loss for the logged window; every --log-every steps and
         at the last one check it (divergence stops the run, keeping the last good checkpoint) and
         log it; at the last step check the weights; on a stop signal stop (``stop=False``: only set
         ``stopping``, for a script that saves and then calls ``halt``). Returns the last logged
@@ -416,7 +435,7 @@ class Run:
         if approx_kl is not None:
             self.ppo_window.append((approx_kl.detach(), clipfrac.detach()))
         at = {} if round is None else {"round": round}
-        if step % LOG_EVERY == 0 or step == steps:
+        if step % self.args.log_every == 0 or step == steps:
             # a KL term in the loss (ddpo.py's --kl-coef) is named as the likelier cause
             kl = getattr(self.args, "kl_coef", 0) or 0
             flag = f"--kl-coef {kl:g} or --lr" if kl > 0 else "--lr"
@@ -496,7 +515,7 @@ class Run:
         common.print_done(summary, self.out, keys=shown)
         # a script called as a function (tests, experiments) leaves SIGTERM as it found it
         if signal.getsignal(signal.SIGTERM) is common._stop_now:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, self.sigterm_found or signal.SIG_DFL)
         return summary
 
     # ---- sharded sampling: batch k draws its noise from its own generator (seed, k), so

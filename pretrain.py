@@ -137,7 +137,7 @@ def main(argv=None):
         """Metrics and a picture of fresh samples of the EMA weights (the same noise each time)."""
         g = common.generator(args.seed + 2, device)
         y = task.sample_conditions(args.eval_samples, g, device, data) if conditional else None
-        batch = min(args.eval_samples, 2000 if task.kind == "points" else 256)
+        batch = min(args.eval_samples, 2000 if task.kind == "points" else common.EVAL_BATCH)
         x = common.generate(ema.model, process, task, args.eval_samples, g, y=y, batch_size=batch)
         metrics, png = task.metrics(x), run.path(f"samples_{step:07d}.png")
         if task.kind == "image":

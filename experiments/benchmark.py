@@ -35,7 +35,7 @@ exit 2, nothing written):
     reward_vs_samples.png, tradeoff.png and loss_curves.png.
 
 GRAFT and P-GRAFT train with warm-up 10% of the steps per round and log their loss every
-LOSS_LOG_EVERY steps (the loss table says how much it still fell in each round's last quarter).
+LOSS_LOG_EVERY steps (--log-every) (the loss table says how much it still fell in each round's last quarter).
 Default OUT: runs/benchmark/<task>-<preset>; --resume continues a benchmark where it stopped.
 """
 
@@ -47,6 +47,7 @@ import json
 import math
 import os
 import platform
+import signal
 import sys
 import time
 
@@ -117,7 +118,10 @@ CPU_TILT = dict(
     CPU_WEAK,
     base=dict(preset="small16", train_steps=500, batch_size=32, lr=1e-3, ema_decay=0.995,
               cond_drop=0.0),
-    run=dict(CPU_WEAK["run"], prompts=40, M=4, K=1))
+    run=dict(CPU_WEAK["run"], prompts=40, M=4, K=1),
+    # a value between the edges for each learning rate (mnist-weak chose edges of its 2 x 2 grids)
+    tune=dict(graft=dict(lr=[1e-4, 3e-4, 1e-3], train_steps=[100, 200]),
+              ddpo=dict(lr=[3e-5, 1e-4, 3e-4], clip_range=[0.1, 0.3])))
 GPU_WEAK = dict(
     bases=2, seeds=6, n_i="abar:0.9,0.7,0.5,0.3", ceiling_n_i="abar:0.97,0.15",
     methods="graft,pgraft,ddpo", jobs=1,
@@ -467,7 +471,7 @@ def script_argv(plan, arm, cfg, seed, base, out, rounds, clf):
             str(seed), "--device", plan["device"], "--fid-samples", "0", "--out", out,
             "--rounds", str(rounds), "--prompts", str(r["prompts"]), "--M", str(r["M"]),
             "--sample-steps", str(r["sample_steps"]), "--eval-samples", str(r["eval_samples"]),
-            "--sample-batch", str(r["sample_batch"])]
+            "--sample-batch", str(r["sample_batch"]), "--log-every", str(LOSS_LOG_EVERY)]
     argv += ["--reward", plan["reward"]] if plan["reward"] else []
     argv += ["--data-dir", plan["data_dir"]] if plan["data_dir"] else []
     argv += ["--bf16"] if plan["bf16"] else []
@@ -717,16 +721,6 @@ def evaluator(plan, b, ctx):
     return _EVALUATORS[key]
 
 
-class _LogEvery:
-    """harness.LOG_EVERY set to the benchmark's loss-logging interval inside the scope."""
-
-    def __enter__(self):
-        self.old, harness.LOG_EVERY = harness.LOG_EVERY, LOSS_LOG_EVERY
-
-    def __exit__(self, *exc):
-        harness.LOG_EVERY = self.old
-
-
 def run_arm(job):
     """One method on one seed: its run to each of ``job['rounds']`` (a --resume of the previous
     stage), evaluated by the benchmark after each; evaluations kept in FOLDER/bench_eval.json so
@@ -742,19 +736,31 @@ def run_arm(job):
         argv += ["--resume"] if os.path.isfile(os.path.join(folder, "ckpt.pt")) else []
         print(f"== benchmark: {arm['name']} {cfg}, seed {seed} (base {b}), to round {k}",
               flush=True)
-        with _LogEvery():
-            s = SCRIPTS[arm["method"]].main(argv)
+        s = SCRIPTS[arm["method"]].main(argv)
+        phase(f"evaluation of {arm['name']}, seed {seed}, round {k}")
         if s["samples_generated"] != k * plan["per_round"]:
             raise UsageError(f"{folder} holds a run past round {k} without the benchmark's "
                              f"evaluation of round {k}; delete that folder and rerun with --resume")
         ev = evaluator(plan, b, ctx)
         done[str(k)] = ev(ev.net_of(folder, arm), seed)
         common.atomic_json(path, done)
+        # the loss curve kept beside the evaluations, so the loss table does not depend on the
+        # run's metrics.jsonl staying in place
+        common.atomic_json(os.path.join(folder, "bench_loss.json"), report.loss_curve(folder))
     return done
+
+
+def phase(name):
+    """Name the benchmark's own phase for the ``stopped:`` line of a SIGTERM (Ctrl-C: 130) that
+    lands in it; what is finished is kept for --resume."""
+    common.PHASE["name"] = f"the benchmark's {name}"
+    common.stop_outside_loops()
 
 
 def _worker_init():
     torch.set_num_threads(1)
+    # Ctrl-C on a terminal reaches every process of the group: the parent alone answers it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def run_jobs(jobs, n_jobs):
@@ -766,7 +772,15 @@ def run_jobs(jobs, n_jobs):
 
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(n_jobs, mp_context=ctx, initializer=_worker_init) as pool:
-        return list(pool.map(run_arm, jobs))
+        try:
+            return list(pool.map(run_arm, jobs))
+        except BaseException:
+            # a stop signal or a failed job: the other workers stop now, not after their runs
+            # (checkpoints are written by rename, so --resume continues from the last one)
+            for p in list((getattr(pool, "_processes", None) or {}).values()):
+                p.kill()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
 
 
 # ---------------------------------------------------------------- the time it takes ----
@@ -918,6 +932,7 @@ def main(argv=None):
         return time.time()
 
     # 1. the cache
+    phase("cache (bases, classifiers, target sets)")
     t = time.time()
     clf = cached_classifier(plan)
     feats = cached_features(plan)
@@ -932,6 +947,7 @@ def main(argv=None):
     os.makedirs(plan["out"], exist_ok=True)
 
     # 2. N_I and the one-round ceilings, per base
+    phase("one-round ceilings")
     ceilings = []
     task = get_task(plan["tasks_task"])
     n_is = [row["n_i"] for row in plan["n_table"]]
@@ -952,6 +968,7 @@ def main(argv=None):
     t = mark("ceilings", t)
 
     # 3. tuning on the tuning seed, base 0
+    phase("tuning")
     crit, direction = plan["criterion"]
     tuning = dict(seed=plan["tune_seed"], metric=crit, direction=direction, families={})
     chosen = {}
@@ -981,6 +998,7 @@ def main(argv=None):
     t = mark("tuning", t)
 
     # 4. every method on the reported seeds, evaluated at each budget
+    phase("runs on the reported seeds")
     evals = {"base": {}}
     for s in plan["seeds"]:
         ev = evaluator(plan, s % plan["n_bases"], ctx)
@@ -997,13 +1015,14 @@ def main(argv=None):
     t = mark("runs_and_evaluations", t)
 
     # 5. intervals, tables and pictures
+    phase("report")
     loss = {}
     for arm in plan["arms"]:
         if arm["method"] == "ddpo":
             continue
         folders = [j["folder"] for j in jobs if j["arm"] is arm]
         steps = chosen[arm["family"]]["train_steps"]
-        loss[arm["name"]] = dict(report.levelling([report.loss_curve(f) for f in folders]),
+        loss[arm["name"]] = dict(report.levelling([report.saved_loss_curve(f) for f in folders]),
                                  train_steps=steps, warmup=warmup(steps))
     target_rows = []
     if targets:

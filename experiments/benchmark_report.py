@@ -105,6 +105,16 @@ def loss_curve(folder):
     return out
 
 
+def saved_loss_curve(folder):
+    """The loss curve the benchmark kept in FOLDER/bench_loss.json after the run's last stage
+    (``loss_curve`` of the run's metrics.jsonl when there is none)."""
+    path = os.path.join(folder, "bench_loss.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return {int(k): [tuple(p) for p in v] for k, v in json.load(f).items()}
+    return loss_curve(folder)
+
+
 def levelling(curves):
     """How much the fine-tuning loss still fell in the last quarter of each round: the mean over
     runs and rounds of (mean loss over the last quarter of the steps - mean over the quarter
@@ -123,6 +133,21 @@ def levelling(curves):
     steps = sorted(by_step)
     return dict(change_last_quarter=float(np.mean(changes)) if changes else None,
                 steps=steps, loss=[float(np.mean(by_step[s])) for s in steps])
+
+
+def grid_edges(tuning):
+    """{method: ["lr at the smallest value of the grid", ...]}: the settings of each chosen
+    config that sit at the smallest or largest value its grid tried (grids of 2+ values)."""
+    out = {}
+    for fam, f in tuning["families"].items():
+        if not f.get("chosen"):
+            continue
+        for key, v in f["chosen"].items():
+            tried = sorted({g["config"][key] for g in f["grid"]})
+            if len(tried) > 1 and v in (tried[0], tried[-1]):
+                side = "smallest" if v == tried[0] else "largest"
+                out.setdefault(fam, []).append(f"{key} {v:g} ({side} tried)")
+    return out
 
 
 # ---------------------------------------------------------------- tables ----
@@ -190,6 +215,10 @@ def results_md(res):
         for g in f["grid"]:
             mark = " (chosen)" if g["config"] == f["chosen"] else ""
             lines.append(f"| {fam} | {g['config']}{mark} | {fmt(g.get('value'))} |")
+    edges = grid_edges(t)
+    if edges:
+        lines += ["", "Chosen at the edge of its grid (a better value may lie beyond it): "
+                  + "; ".join(f"{fam}: {', '.join(e)}" for fam, e in edges.items()) + "."]
     lines += ["", "## Results", ""]
     for b in res["budgets"]:
         key = b["label"]

@@ -120,9 +120,11 @@ class ResBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, c, heads=4, group_channels=0):
+    def __init__(self, c, heads=4, group_channels=0, level=0):
         super().__init__()
         self.heads = heads if c % heads == 0 else 1
+        # the UNet level it sits at: it attends over (H / 2^level) x (W / 2^level) positions
+        self.level = level
         self.norm = norm(c, group_channels)
         self.qkv = nn.Conv2d(c, 3 * c, 1)
         self.out = nn.Conv2d(c, c, 1)
@@ -180,7 +182,7 @@ class UNet(nn.Module):
                 blk = nn.ModuleList([ResBlock(c, ch * m, temb, dropout, gc)])
                 c = ch * m
                 if res in attn_res:
-                    blk.append(Attention(c, group_channels=gc))
+                    blk.append(Attention(c, group_channels=gc, level=i))
                 self.down.append(blk)
                 chans.append(c)
             if i < len(ch_mult) - 1:
@@ -190,7 +192,7 @@ class UNet(nn.Module):
         self.mid = nn.ModuleList(
             [
                 ResBlock(c, c, temb, dropout, gc),
-                Attention(c, group_channels=gc),
+                Attention(c, group_channels=gc, level=len(ch_mult) - 1),
                 ResBlock(c, c, temb, dropout, gc),
             ]
         )
@@ -200,7 +202,7 @@ class UNet(nn.Module):
                 blk = nn.ModuleList([ResBlock(c + chans.pop(), ch * m, temb, dropout, gc)])
                 c = ch * m
                 if res in attn_res:
-                    blk.append(Attention(c, group_channels=gc))
+                    blk.append(Attention(c, group_channels=gc, level=i))
                 self.up.append(blk)
             if i > 0:
                 self.up.append(
@@ -294,6 +296,18 @@ def unet_from_preset(preset, image_size, in_ch, num_classes=0, cond_dim=0):
         cond_dim=cond_dim,
         **PRESETS[preset],
     )
+
+
+def attention_bytes(model, h, w, batch, grad):
+    """The least memory the attention of ``model`` takes on a batch of ``batch`` h x w inputs when
+    its score matrices are materialised (the CPU's scaled_dot_product_attention): scores and
+    softmax of the largest layer, plus, with ``grad``, the softmax every layer keeps for backward.
+    0 for a network without our Attention layers."""
+    sizes = [a.heads * ((h >> a.level) * (w >> a.level)) ** 2 * 4 * batch
+             for a in model.modules() if isinstance(a, Attention)]
+    if not sizes:
+        return 0
+    return 2 * max(sizes) + (sum(sizes) if grad else 0)
 
 
 def count_params(model):

@@ -557,3 +557,54 @@ def test_inception_fid_hook_on_fabricated_pairs(tmp_path):
     want = frechet_distance(*ev.stats(pngs(samples, str(tmp_path / "s")))[:2], *ref)
     assert got == pytest.approx(want, rel=1e-4, abs=1e-3), (got, want)
     assert fid(torch.rand(8, 1, 16, 32) * 2 - 1) > got
+
+
+def test_benchmark_stopped_by_sigterm_resumes_to_the_uninterrupted_results(tmp_path):
+    """A real benchmark process with two worker processes, sent SIGTERM once its runs have
+    started: one stopped: line naming the benchmark's phase, exit 143, no worker left behind;
+    --resume then finishes with the evaluations of an uninterrupted benchmark (same cache)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    data = make_mnist_pickle(str(tmp_path / "mnist"), n=90)
+    argv = [sys.executable, "-m", "experiments.benchmark", *bench_argv(tmp_path, data),
+            "--jobs", "2"]
+    p = subprocess.Popen(argv, cwd=root, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in p.stdout:
+        lines.append(line)
+        # the first run of the reported seeds: workers are busy
+        if line.startswith("== benchmark: ") and "seed 0" in line:
+            time.sleep(1.0)
+            workers = subprocess.run(["ps", "--ppid", str(p.pid), "-o", "pid="],
+                                     capture_output=True, text=True).stdout.split()
+            p.send_signal(signal.SIGTERM)
+            break
+    rest, err = p.communicate(timeout=120)
+    assert p.returncode == 143, (err, "".join(lines) + rest)
+    err = [ln for ln in err.splitlines() if ln.strip()]
+    assert err[-1].startswith("stopped: SIGTERM during ") and "--resume" in err[-1], err
+    # no worker process of this benchmark is left running
+    assert workers
+    time.sleep(1.0)
+    left = [w for w in workers if os.path.exists(f"/proc/{w}")]
+    assert not left, left
+    # ... and the runs not yet started were not run after the signal
+    evals = [f for f in (tmp_path / "out").glob("seed*/*/bench_eval.json")
+             if "2" in json.loads(f.read_text())]
+    assert len(evals) < 6, evals
+    done = subprocess.run(argv + ["--resume"], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    resumed = json.loads((tmp_path / "out" / "results.json").read_text())
+    fresh = argv[:]
+    fresh[fresh.index(str(tmp_path / "out"))] = str(tmp_path / "fresh")
+    whole = subprocess.run(fresh, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr
+    uninterrupted = json.loads((tmp_path / "fresh" / "results.json").read_text())
+    assert resumed["evals"] == uninterrupted["evals"]
