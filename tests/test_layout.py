@@ -81,3 +81,36 @@ def test_the_checker_catches_a_wrong_import(tmp_path):
     p.write_text("def f():\n    import graft\nfrom common import fail\n")
     assert sorted(imports_of(str(p))) == ["common", "graft"]
     assert "graft" not in ALLOWED["script"] and "common" not in ALLOWED["rewards"]
+
+
+def code_names(path):
+    """The functions, classes, methods (Class.method) and module-level names of a file."""
+    tree = ast.parse(open(path).read(), path)
+    names = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+            if isinstance(node, ast.ClassDef):
+                names |= {f"{node.name}.{m.name}" for m in node.body
+                          if isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef))}
+        elif isinstance(node, ast.Assign):
+            names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+    return names
+
+
+def test_docs_point_at_code_that_exists():
+    """Every `file.py:name` the README, tests/README.md and docs/ cite is a function, class,
+    method or module-level name of that file (a renamed function leaves no stale pointer)."""
+    import re
+
+    texts = [os.path.join(ROOT, "README.md"), os.path.join(ROOT, "tests", "README.md")]
+    texts += [os.path.join(ROOT, "docs", f) for f in os.listdir(os.path.join(ROOT, "docs"))
+              if f.endswith(".md")]
+    stale, seen = [], 0
+    for text in texts:
+        for f, name in re.findall(r"`([\w/]+\.py):([A-Za-z_][\w.]*)", open(text).read()):
+            seen += 1
+            path = os.path.join(ROOT, f)
+            if not os.path.isfile(path) or name not in code_names(path):
+                stale.append(f"{os.path.relpath(text, ROOT)}: {f}:{name}")
+    assert seen >= 10 and not stale, stale
