@@ -735,6 +735,10 @@ def load_resume(path, args, may_change):
     if not args.resume:
         return None
     if not os.path.exists(path):
+        # a finished run whose checkpoint is gone: starting fresh would replace its record
+        if os.path.exists(os.path.join(args.out, "summary.json")):
+            raise UsageError(f"--resume: {args.out} holds a finished run (summary.json) but no "
+                             f"checkpoint {path} to continue from; pass another --out")
         print(f"--resume: no checkpoint at {path}; starting fresh")
         return None
     ckpt = load_checkpoint(path)
@@ -757,9 +761,13 @@ def load_pool(path):
     """The accepted samples (or kept states) of the rounds so far, saved next to the checkpoint
     that names them."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        pool = torch.load(path, map_location="cpu", weights_only=True)
+        # another file in its place (a checkpoint copied over it): no samples under "x"
+        if not (isinstance(pool, dict) and isinstance(pool.get("x"), torch.Tensor)):
+            raise ValueError("not a pool of samples")
+        return pool
     except Exception as e:
-        # missing or truncated
+        # missing, truncated or another file
         raise CheckpointError(
             f"cannot resume: the pool of accepted samples {path} is missing or damaged "
             f"({type(e).__name__}); rerun without --resume into another --out"
@@ -1234,7 +1242,7 @@ def round_stats(r, mask, r_hat, acc_prob, pool, samples, suffix=""):
     n_acc = int(mask.sum())
     return {
         "reward_all_mean": r.mean().item(),
-        "reward_all_std": r.std().item(),
+        "reward_all_std": r.std().item() if len(r) > 1 else 0.0,
         "reward_accepted_mean": r[mask].mean().item(),
         "reward_accepted_std": r[mask].std().item() if n_acc > 1 else 0.0,
         "acceptance_rate": n_acc / len(r),

@@ -179,6 +179,9 @@ def check_flags(args, script, device, main):
     for flag in ("bf16", "compile"):
         if getattr(args, flag, False) and device.type != "cuda" and main:
             print(f"note: --{flag} does nothing on {device} (CUDA only); running without it")
+    if isinstance(args, FinetuneArgs) and args.warmup > args.train_steps // 2 and main:
+        print(f"note: --warmup {args.warmup} is capped at half of --train-steps: "
+              f"{args.train_steps // 2} warm-up steps per round")
     per = math.prod(task.shape())
     counts = {f"--{k.replace('_', '-')}": (getattr(args, k), c) for k, c in
               (("batch_size", common.BATCH_COPIES), ("sample_batch", common.BATCH_COPIES),

@@ -69,6 +69,7 @@ from tasks import UsageError, get_task
 
 BUDGETS = (0.25, 0.5, 1.0)  # fractions of the sample budget at which every method is evaluated
 LOSS_LOG_EVERY = 10  # fine-tuning steps per logged loss in the benchmark's runs
+MAX_SEEDS = 1000  # reported seeds at most (each a run of every method)
 BASE_EVAL_SAMPLES = 16  # pretrain.py's own sample grid of a cached base
 TARGET_DRAWS = 60  # draws per wanted exact-target sample at most (rejection from the base)
 METHODS = ("graft", "pgraft", "ddpo")
@@ -191,9 +192,10 @@ def get_args(argv=None):
     p.add_argument("--out", default=None, help="output folder (runs/benchmark/<task>-<preset>)")
     p.add_argument("--cache", default=os.path.join("runs", "benchmark", "cache"),
                    help="where bases, classifiers, target sets and feature statistics are kept")
-    p.add_argument("--seeds", type=common.pos_int, default=None,
-                   help="reported seeds 0..S-1 (seed s fine-tunes base s mod --bases)")
-    p.add_argument("--bases", type=common.pos_int, default=None,
+    p.add_argument("--seeds", type=common._number(int, 1, MAX_SEEDS, what="an integer"),
+                   default=None, help=f"reported seeds 0..S-1 (seed s fine-tunes base s mod "
+                   f"--bases; at most {MAX_SEEDS})")
+    p.add_argument("--bases", type=common._number(int, 1, MAX_SEEDS, what="an integer"), default=None,
                    help="independently pretrained bases (pretrain seeds 0..B-1)")
     p.add_argument("--tune", choices=["grid", "none"], default="grid",
                    help="grid: choose each method's config on --tune-seed; none: the preset's")

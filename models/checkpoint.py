@@ -104,17 +104,26 @@ def save_checkpoint(
 
 def load_checkpoint(path, map_location="cpu"):
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} is a folder; pass the checkpoint file in it "
+                              f"(its ckpt.pt)")
     if not os.path.isfile(path):
         raise CheckpointError(
             f"checkpoint {path} does not exist; train one first or pass the right path"
         )
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive (older versions a pickle, which starts with 0x80)
+    if not (head.startswith(b"PK") or head.startswith(b"\x80")):
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (not a zip archive or a "
+                              f"pickle); pass a checkpoint file (ckpt.pt)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated file, pickled objects, not a torch file at all
+    except Exception as e:  # truncated file, pickled objects
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise CheckpointError(
-            f"checkpoint {path} cannot be read safely ({first}); "
-            f"delete it and retrain, or point to a good copy"
+            f"checkpoint {path} cannot be read safely ({first}); it may be truncated or hold "
+            f"pickled objects: point to a good copy, or retrain"
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != "pgraft-1":
         raise CheckpointError(

@@ -297,6 +297,12 @@ def test_checkpoint_refuses_pickled_objects_and_garbage(tmp_path):
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not a pgraft checkpoint"):
         load_checkpoint(tmp_path / "other.pt")
+    # a JSON file or a folder passed as a checkpoint: named as such, never "delete it"
+    (tmp_path / "args.json").write_text('{"lr": 1}')
+    with pytest.raises(CheckpointError, match="is not a PyTorch checkpoint"):
+        load_checkpoint(tmp_path / "args.json")
+    with pytest.raises(CheckpointError, match="is a folder; pass the checkpoint file"):
+        load_checkpoint(tmp_path)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
 

@@ -689,7 +689,7 @@ def test_pretrain_resume_without_checkpoint_starts_fresh(tmp_path, capsys):
     assert s["train_steps"] == 5 and load_checkpoint(tmp_path / "ckpt.pt")["step"] == 5
 
 
-@pytest.mark.parametrize("damage", ["deleted", "truncated", "garbage"])
+@pytest.mark.parametrize("damage", ["deleted", "truncated", "garbage", "a checkpoint"])
 def test_graft_resume_with_damaged_pool_exits_2(runs, tmp_path, damage, capsys):
     out = tmp_path / "g"
     shutil.copytree(runs.graft, out)
@@ -698,8 +698,11 @@ def test_graft_resume_with_damaged_pool_exits_2(runs, tmp_path, damage, capsys):
         pool.unlink()
     elif damage == "truncated":
         pool.write_bytes(pool.read_bytes()[:100])
-    else:
+    elif damage == "garbage":
         pool.write_bytes(b"\x00" * 64)
+    else:
+        # a readable torch file that holds no samples (it ended in a KeyError traceback)
+        shutil.copy(out / "ckpt.pt", pool)
     before = tree_hash(out)
     argv = ["--base", runs.base, "--out", str(out), "--resume", "--rounds", "2"] + TINY
     err = exits_2(graft.main, argv, capsys)
@@ -859,6 +862,18 @@ def test_no_silent_fallbacks(tmp_path, capsys):
     err = exits_2(graft.main, [*TINY, "--out", ""], capsys)
     assert "--out is empty" in err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_resume_of_a_finished_run_without_its_checkpoint_is_refused(runs, tmp_path, capsys):
+    """--resume into a finished run whose ckpt.pt is gone used to start afresh over its record."""
+    out = tmp_path / "g"
+    shutil.copytree(runs.graft, out)
+    (out / "ckpt.pt").unlink()
+    before = tree_hash(out)
+    err = exits_2(graft.main, ["--base", runs.base, "--out", str(out), "--resume", "--rounds",
+                               "2"] + TINY, capsys)
+    assert "holds a finished run (summary.json) but no checkpoint" in err, err
+    assert tree_hash(out) == before
 
 
 def test_torn_metrics_line_dropped_nothing_rewritten_first(tmp_path, capsys):
