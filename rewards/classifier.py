@@ -16,6 +16,7 @@ A reward whose checkpoint is missing trains it first with the defaults below, sa
 import argparse
 import math
 import os
+import signal
 import sys
 import time
 
@@ -451,6 +452,14 @@ def main(argv=None):
     )
     p.error = lambda msg: _fail(f"{msg} (see --help)")
     args = p.parse_args(argv)
+    # SIGTERM (a scheduler) stops the training like Ctrl-C: the checkpoint is written only at the
+    # end, through a rename, so a stop leaves no file
+    old_term = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:
+        # not the main thread: leave the default
+        old_term = None
     try:
         for name in ("train_steps", "batch_size"):
             v = getattr(args, name)
@@ -506,6 +515,22 @@ def main(argv=None):
     except OSError as e:
         _fail(f"cannot write or read {e.filename or args.out}: {e.strerror or e}; free space, "
               f"fix its permissions or pass another --out")
+    except (KeyboardInterrupt, _Stopped) as e:
+        name, code = ("SIGTERM", 143) if isinstance(e, _Stopped) else ("SIGINT (Ctrl-C)", 130)
+        print(f"stopped: {name} while training the classifier; nothing was written; rerun the "
+              f"command to train it", file=sys.stderr)
+        raise SystemExit(code) from None
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+
+
+class _Stopped(Exception):
+    """SIGTERM during the classifier's command."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Stopped()
 
 
 def _what_is(path):

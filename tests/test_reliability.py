@@ -1035,6 +1035,33 @@ def test_stop_signal_during_the_diagnostic_says_stopped(tmp_path, sig, code):
     assert (out / "run.json").exists()
 
 
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_stop_signal_while_training_the_classifier(tmp_path, sig, code):
+    """rewards.classifier (no harness: rewards/ sits below it) said nothing on SIGTERM (-15) and
+    gave a traceback on Ctrl-C; now a stopped: line, 143 / 130, and no file written."""
+    data = make_mnist_pickle(str(tmp_path / "mnist"), n=60)
+    out = tmp_path / "clf.pt"
+    proc = subprocess.Popen([sys.executable, "-m", "rewards.classifier", "--task", "mnist16",
+                             "--data-dir", data, "--device", "cpu", "--train-steps", "1000000",
+                             "--out", str(out)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        # the settings line comes just before the training loop
+        assert proc.stdout.readline().startswith("== reward classifier")
+        time.sleep(1.0)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == code, err
+    assert err.strip().splitlines() == [err.strip().splitlines()[-1]], err
+    assert err.strip().startswith("stopped: SIG") and "nothing was written" in err
+    assert not out.exists()
+
+
 def test_stop_signal_after_a_loops_last_check_still_stops():
     """A signal that arrives after a loop's last check (an inversion's last chunk) stops the run
     when the loop's StopSignals scope ends, instead of being forgotten."""
