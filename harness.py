@@ -190,6 +190,10 @@ def check_flags(args, script, device, main):
               if isinstance(getattr(args, k, None), int)}
     if isinstance(getattr(args, "M", None), int) and hasattr(args, "prompts"):
         counts["--prompts x --M"] = (args.prompts * args.M, common.SAMPLE_COPIES)
+    # pgraft.py's diagnostic holds every state's continuations at once
+    if isinstance(getattr(args, "lemma_states", None), int):
+        counts["--lemma-states x --lemma-continuations"] = (
+            args.lemma_states * args.lemma_continuations, common.SAMPLE_COPIES)
     common.check_sizes(counts, per, device)
     return " ".join(str(getattr(args, k)) for k in ("task", "model") if hasattr(args, k))
 

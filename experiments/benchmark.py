@@ -350,6 +350,11 @@ def make_plan(args):
         spec["final"]["fid_samples"] = args.fid_samples
     elif device.type != "cuda":
         spec["final"]["fid_samples"] = 0
+    # sample sets held at once, against the device's memory before any work (a base pretrained
+    # first, then an out-of-memory traceback, or a rejection sampler without end)
+    common.check_sizes({f"--{k}-samples": (spec[part][key], common.SAMPLE_COPIES) for k, part, key
+                        in (("final", "final", "samples"), ("fid", "final", "fid_samples"),
+                            ("target", "target", "samples"))}, math.prod(task.shape()), device)
     spec["base"]["unconditional"] = not info["conditional"]
     # ---- N_I on the chain the bases will have, each with a random continuation
     process = common.build_process(task, "ddpm")

@@ -361,6 +361,12 @@ def test_every_preset_makes_a_plan_the_scripts_accept(tmp_path):
     (["--device", "tpu"], "--device"),
     (["--reward", "digit:12"], "0..9"),
     (["--reward", "jpeg"], "log-probability"),
+    # sample sets beyond the machine's memory (an OOM traceback after pretraining a base; a
+    # rejection sampler that never ended)
+    (["--final-samples", "1000000000000"], "use a smaller --final-samples"),
+    (["--target-samples", "1000000000000"], "use a smaller --target-samples"),
+    (["--fid-samples", "1000000000000"], "use a smaller --fid-samples"),
+    (["--seeds", "100000000"], "must be <= 1000"),
 ])
 def test_bad_flags_are_one_error_line_before_anything_is_written(tmp_path, capsys, extra, says):
     import common

@@ -935,6 +935,10 @@ def test_sizes_checked_before_work(tmp_path, capsys):
         assert word in err, err
     err = exits_2(graft.main, [*TINY, "--M", str(10**9), "--out", str(tmp_path / "s")], capsys)
     assert "--prompts x --M" in err
+    # the Lemma 4.3 diagnostic holds every continuation at once (was an OOM traceback)
+    err = exits_2(pgraft.main, [*TINY, "--lemma-continuations", str(10**9), "--out",
+                                str(tmp_path / "s")], capsys)
+    assert "--lemma-states x --lemma-continuations" in err
     err = exits_2(classifier_cli.main, ["--seed", str(2**64), "--out", str(tmp_path / "c.pt")],
                   capsys)
     assert "[0, 2^63)" in err
