@@ -96,6 +96,9 @@ TASK_DEFAULTS = {
                    corrector_preset="tiny", train_steps=200_000, batch_size=128, lr=2e-4,
                    eval_samples=1000),
     "celebahq": IMAGE256, "church": IMAGE256}
+# the 16-pixel digit tasks: a corrector of the base's own small size (no smaller UNet preset)
+TASK_DEFAULTS.update({t: dict(TASK_DEFAULTS["mnist"], corrector_preset=p) for t, p in (
+    ("mnist16", "small16"), ("mnist-pairs16", "small16"), ("mnist-pairs", "tiny"))})
 # fmt: on
 # the 2-D correctors: TimeMLP hidden width (depth 3)
 MLP_PRESETS = {"mlp": 256, "mlp128": 128, "mlp64": 64}
@@ -119,7 +122,7 @@ def main(argv=None):
     # the base flow, the data and the corrector, all checked before --out is touched
     args.base = common.ensure_base(args.base, task, "flow", seed=args.seed, device=args.device,
                                    data_dir=args.data_dir)
-    base, process, base_ckpt = common.load_base(args.base, device)
+    base, process, base_ckpt = common.load_base(args.base, device, task=task)
     if (base_ckpt.get("process") or {}).get("kind") != "flow":
         raise UsageError(f"{args.base} is not a rectified flow; pretrain one with `python "
                          f"pretrain.py --model flow` or pass another --base")

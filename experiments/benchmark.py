@@ -112,17 +112,15 @@ CPU_WEAK = dict(
              lr=3e-4, ema_decay=0.9, eval_samples=20, sample_batch=400),
     ddpo=dict(lr=1e-4, clip_range=0.2, inner_epochs=1, batch_size=64, timestep_fraction=0.5,
               ema_decay=0.9),
-    tune=dict(graft=dict(lr=[1e-4, 3e-4], train_steps=[100, 200]),
-              ddpo=dict(lr=[1e-4, 3e-4], clip_range=[0.1, 0.3])),
+    # three learning rates each (a 2 x 2 grid chose its edges for every method)
+    tune=dict(graft=dict(lr=[1e-4, 3e-4, 1e-3], train_steps=[100, 200]),
+              ddpo=dict(lr=[3e-5, 1e-4, 3e-4], clip_range=[0.1, 0.3])),
     final=dict(samples=200, fid_samples=0), target=dict(samples=200), n_real=10_000)
 CPU_TILT = dict(
     CPU_WEAK,
     base=dict(preset="small16", train_steps=500, batch_size=32, lr=1e-3, ema_decay=0.995,
               cond_drop=0.0),
-    run=dict(CPU_WEAK["run"], prompts=40, M=4, K=1),
-    # a value between the edges for each learning rate (mnist-weak chose edges of its 2 x 2 grids)
-    tune=dict(graft=dict(lr=[1e-4, 3e-4, 1e-3], train_steps=[100, 200]),
-              ddpo=dict(lr=[3e-5, 1e-4, 3e-4], clip_range=[0.1, 0.3])))
+    run=dict(CPU_WEAK["run"], prompts=40, M=4, K=1))
 GPU_WEAK = dict(
     bases=2, seeds=6, n_i="abar:0.9,0.7,0.5,0.3", ceiling_n_i="abar:0.97,0.15",
     methods="graft,pgraft,ddpo", jobs=1,

@@ -240,7 +240,8 @@ def results_md(res):
                                                     for k, v in r.items() if k != "method"))
     lines += ["", "## Half the samples", "",
               "Each method after half the budget minus GRAFT after all of it, paired by seed:", "",
-              "| method | p | accuracy | mean log-prob |", "|---|---|---|---|"]
+              "| method | " + " | ".join(lab[c] for c in ("prob", "accuracy", "reward")) + " |",
+              "|---|---|---|---|"]
     for r in res["half_budget"]:
         lines.append(f"| {r['method']} | " + " | ".join(
             f"{ci_text(r[c])} {r[c]['verdict'] or ''}" if c in r else "-"
@@ -286,6 +287,10 @@ def plot_curves(res, path):
                 hi.append(np.nan if ci["hi"] is None else ci["hi"])
             ax.plot(xs, m, "o-" if a["name"] == "GRAFT" else ".-", color=f"C{i}", label=a["name"])
             ax.fill_between(xs, lo, hi, color=f"C{i}", alpha=0.15)
+        if res.get("exact_target"):
+            # where rejection sampling at alpha = 1 should end: p_ref(x) p(c | x) / Z, sampled
+            level = float(np.mean([t[c] for t in res["exact_target"]]))
+            ax.axhline(level, color="k", ls="--", lw=1, label="exact target (mean over bases)")
         ax.set(xlabel="samples generated (0: the base)", ylabel=f"{lab[c]} (mean, 95% band)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)

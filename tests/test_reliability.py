@@ -36,6 +36,7 @@ import torch
 import common
 import ddpo
 import graft
+import inverse_noise
 import pgraft
 import pretrain
 from eval import fid as fid_cli
@@ -47,13 +48,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 CUDA = torch.cuda.is_available()
 
-try:  # inverse_noise.py is being rewritten: its cases run once it has the new flag names
-    import inverse_noise
-
-    INV_READY = "invert_samples" in inverse_noise.Args.__dataclass_fields__
-except Exception:  # noqa: BLE001 - a half-rewritten file must not break the other scripts' tests
-    inverse_noise, INV_READY = None, False
-needs_inv = pytest.mark.skipif(not INV_READY, reason="inverse_noise.py lacks its new flags")
 
 TINY = [
     "--prompts",
@@ -195,8 +189,7 @@ def runs(tmp_path_factory):
     graft.main(["--base", r.base, "--out", str(r.graft)] + TINY)
     pgraft.main(["--base", r.base, "--out", str(r.pgraft)] + TINY + LEMMA)
     ddpo.main(["--base", r.base, "--out", str(r.ddpo)] + DDPO_TINY)
-    if INV_READY:
-        inverse_noise.main(["--base", r.flow, "--out", str(r.inv)] + INV_TINY)
+    inverse_noise.main(["--base", r.flow, "--out", str(r.inv)] + INV_TINY)
     # fabricated MNIST: a tiny class-conditional base (another task's DDPM) and a classifier
     r.mnist = make_mnist_pickle(str(root / "data" / "mnist"), n=60)
     r.mnist_dir = root / "mnist_base"
@@ -422,6 +415,9 @@ BAD = [
     ("inverse_noise", "device-tpu", ["--device", "tpu"], "--device"),
     ("inverse_noise", "corrector-preset", ["--corrector-preset", "nope"], "--corrector-preset"),
     ("inverse_noise", "base-ddpm", ["--base", "{base}"], "rectified flow"),
+    # a flow of another task was a traceback (its network met the task's images)
+    ("inverse_noise", "base-other-task", ["--task", "mnist16", "--base", "{flow}"],
+     "not of mnist16"),
     ("inverse_noise", "base-format-only", ["--base", "{bad}/format_only.pt"], "format_only.pt"),
     ("inverse_noise", "resume-other-n-fixed", ["--resume", "--n-fixed", "3"], "n_fixed"),
     # -- python -m rewards.classifier
@@ -488,7 +484,7 @@ def params(cases, cmd=False):
     out = []
     for case in cases:
         script = case[1] if cmd else case[0]
-        marks = [needs_inv] if script == "inverse_noise" else []
+        marks = []
         if "cuda" in case[2] and CUDA:
             marks.append(pytest.mark.skip(reason="CUDA is available here"))
         name = " ".join(case[0] + case[2]) if cmd else f"{script}-{case[1]}"
@@ -508,7 +504,7 @@ def test_every_numeric_flag_refuses_a_bad_value(capsys):
     import harness
 
     assert {c[0] for c in BAD} == set(MODULES)
-    scripts = [pretrain, graft, pgraft, ddpo] + ([inverse_noise] if INV_READY else [])
+    scripts = [pretrain, graft, pgraft, ddpo, inverse_noise]
     seen = 0
     for mod in scripts:
         for f in dataclasses.fields(mod.Args):
@@ -649,7 +645,6 @@ def test_finetune_divergence_names_step_and_lr_keeps_checkpoint(
     assert file_hash(out / "pool_round1.pt") == pool
 
 
-@needs_inv
 def test_inverse_noise_divergence_keeps_corrector_checkpoint(runs, tmp_path, capsys, monkeypatch):
     out = tmp_path / "inv"
     args = (
@@ -773,7 +768,7 @@ def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path):
 # ---------------------------------------------------------------- 5. strict JSON ----
 def test_every_json_file_of_finished_runs_is_strict(runs):
     folders = [runs.pre, runs.flow_dir, runs.graft, runs.pgraft, runs.mnist_dir]
-    for folder in folders + ([runs.inv] if INV_READY else []):
+    for folder in folders + [runs.inv]:
         strict_json((folder / "summary.json").read_text())
         assert check_strict_json_files(folder) >= 3, folder
     assert (runs.pgraft / "lemma43.json").exists()
