@@ -495,19 +495,25 @@ class Run:
         round's pictures: ``pictures`` = dict(task, reward, base, final, middle=(label, points),
         name, nrow)."""
         self.log.log(round=rnd, **{k: v for k, v in row.items() if not isinstance(v, list)})
-        if not self.main:
-            return
-        if pool is not None:
-            common.atomic_save(pool, self.path(f"pool_round{rnd}.pt"))
-            extra = dict(extra, pool=f"pool_round{rnd}.pt")
-        with common.writing(self.ckpt_path):
-            save_checkpoint(self.ckpt_path, model, process, ema, opt, rnd, self.args, extra=extra)
-        if pool is not None and os.path.exists(self.path(f"pool_round{rnd - 1}.pt")):
-            os.remove(self.path(f"pool_round{rnd - 1}.pt"))
-        if pictures is not None:
-            p = pictures
-            common.round_pictures(p["task"], p["reward"], self.log, p["base"], p["final"],
-                                  p["middle"], p["name"], rnd, p.get("nrow") or 8)
+        if self.main:
+            if pool is not None:
+                common.atomic_save(pool, self.path(f"pool_round{rnd}.pt"))
+                extra = dict(extra, pool=f"pool_round{rnd}.pt")
+            with common.writing(self.ckpt_path):
+                save_checkpoint(self.ckpt_path, model, process, ema, opt, rnd, self.args,
+                                extra=extra)
+            if pool is not None and os.path.exists(self.path(f"pool_round{rnd - 1}.pt")):
+                os.remove(self.path(f"pool_round{rnd - 1}.pt"))
+            if pictures is not None:
+                p = pictures
+                common.round_pictures(p["task"], p["reward"], self.log, p["base"], p["final"],
+                                      p["middle"], p["name"], rnd, p.get("nrow") or 8)
+        # a signal during the round's evaluation stops here, the round saved, not after the next
+        # round's sampling
+        if self.stop is not None and self.dist.any(self.stop.requested):
+            self.stop.requested = self.stop.requested or "SIGTERM"
+            self.stop.stop(f"after round {rnd}", f"round {rnd} is saved: rerun the same command "
+                           f"with --resume to continue after it")
 
     def load_pool(self, saved):
         """The accepted samples of the rounds so far, named by the resumed checkpoint."""

@@ -1061,6 +1061,30 @@ def test_stop_signal_while_training_the_classifier(tmp_path, sig, code):
     assert not out.exists()
 
 
+def test_sigterm_during_a_rounds_evaluation_stops_after_that_round(runs, tmp_path, monkeypatch,
+                                                                   capsys):
+    """A real SIGTERM that lands in round 1's evaluation stops the run once round 1 is saved; it
+    used to wait through round 2's sampling and stop at its first fine-tuning step."""
+    real = common.print_eval
+
+    def print_eval(tag, ev):
+        real(tag, ev)
+        if tag == "round 1":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(common, "print_eval", print_eval)
+    out = tmp_path / "g"
+    with pytest.raises(SystemExit) as e:
+        common.run_main(lambda: graft.main(["--base", runs.base, "--out", str(out), "--rounds",
+                                            "3"] + TINY))
+    assert e.value.code == 143
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("stopped: SIGTERM after round 1; round 1 is saved"), err
+    assert load_checkpoint(out / "ckpt.pt")["step"] == 1
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(r.get("round", 0) for r in rows) == 1
+
+
 def test_stop_signal_after_a_loops_last_check_still_stops():
     """A signal that arrives after a loop's last check (an inversion's last chunk) stops the run
     when the loop's StopSignals scope ends, instead of being forgotten."""
