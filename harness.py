@@ -370,9 +370,10 @@ class Run:
 
     # ---- what each rank did: summary.json's "torchrun" (a user checks that P ranks split the work)
     def check_memory(self, model):
-        """Refuse batch sizes whose attention cannot fit this machine (common.check_attention_memory)
-        for ``model``, the network being trained, on this rank's rows: --batch-size with
-        gradients, the sampling batch (--sample-batch, or pretrain's evaluation) without."""
+        """Refuse batch sizes whose attention cannot fit this machine
+        (common.check_attention_memory) for ``model``, the network being trained, on this rank's
+        rows: --batch-size with gradients, the sampling batch (--sample-batch, or pretrain's
+        evaluation) without."""
         a, world = self.args, self.dist.world
         counts = {}
         if isinstance(getattr(a, "batch_size", None), int):

@@ -35,7 +35,8 @@ exit 2, nothing written):
     reward_vs_samples.png, tradeoff.png and loss_curves.png.
 
 GRAFT and P-GRAFT train with warm-up 10% of the steps per round and log their loss every
-LOSS_LOG_EVERY steps (--log-every) (the loss table says how much it still fell in each round's last quarter).
+LOSS_LOG_EVERY steps (--log-every; the loss table says how much it still fell in each round's last
+quarter).
 Default OUT: runs/benchmark/<task>-<preset>; --resume continues a benchmark where it stopped.
 """
 
@@ -193,8 +194,8 @@ def get_args(argv=None):
     p.add_argument("--seeds", type=common._number(int, 1, MAX_SEEDS, what="an integer"),
                    default=None, help=f"reported seeds 0..S-1 (seed s fine-tunes base s mod "
                    f"--bases; at most {MAX_SEEDS})")
-    p.add_argument("--bases", type=common._number(int, 1, MAX_SEEDS, what="an integer"), default=None,
-                   help="independently pretrained bases (pretrain seeds 0..B-1)")
+    p.add_argument("--bases", type=common._number(int, 1, MAX_SEEDS, what="an integer"),
+                   default=None, help="independently pretrained bases (pretrain seeds 0..B-1)")
     p.add_argument("--tune", choices=["grid", "none"], default="grid",
                    help="grid: choose each method's config on --tune-seed; none: the preset's")
     p.add_argument("--tune-seed", type=common.seed_int, default=1000,
