@@ -577,16 +577,16 @@ def test_benchmark_stopped_by_sigterm_resumes_to_the_uninterrupted_results(tmp_p
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     data = make_mnist_pickle(str(tmp_path / "mnist"), n=90)
+    # runs long enough (100 fine-tuning steps a round) that the workers are busy when signalled
     argv = [sys.executable, "-m", "experiments.benchmark", *bench_argv(tmp_path, data),
-            "--jobs", "2"]
+            "--jobs", "2", "--tune", "none", "--train-steps", "100"]
     p = subprocess.Popen(argv, cwd=root, env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     lines = []
     for line in p.stdout:
         lines.append(line)
         # the first run of the reported seeds: workers are busy
-        if line.startswith("== benchmark: ") and "seed 0" in line:
-            time.sleep(1.0)
+        if line.startswith("== benchmark: ") and ", seed 0 (base 0)" in line:
             workers = subprocess.run(["ps", "--ppid", str(p.pid), "-o", "pid="],
                                      capture_output=True, text=True).stdout.split()
             p.send_signal(signal.SIGTERM)
@@ -597,8 +597,19 @@ def test_benchmark_stopped_by_sigterm_resumes_to_the_uninterrupted_results(tmp_p
     assert err[-1].startswith("stopped: SIGTERM during ") and "--resume" in err[-1], err
     # no worker process of this benchmark is left running
     assert workers
-    time.sleep(1.0)
-    left = [w for w in workers if os.path.exists(f"/proc/{w}")]
+
+    def alive(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                # a zombie (state Z) waits only for init to reap it
+                return f.read().split(")")[-1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.time() + 20
+    while any(alive(w) for w in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    left = {w: open(f"/proc/{w}/cmdline").read() for w in workers if alive(w)}
     assert not left, left
     # ... and the runs not yet started were not run after the signal
     evals = [f for f in (tmp_path / "out").glob("seed*/*/bench_eval.json")
