@@ -16,7 +16,12 @@ resumed phase row not repeated; 10. OS errors one line naming the path; 11. size
 against memory); 12. torchrun usage errors printed once; 13. messages name the real cause;
 14. SIGTERM / Ctrl-C outside a training loop (a real pgraft process in its diagnostic): a stopped:
 line, 143 / 130; 15. progress lines from within one sampler batch; 16. a non-finite reward spec,
-FID statistics that are not a covariance and an image beyond the pixel limit refused.
+FID statistics that are not a covariance and an image beyond the pixel limit refused; 17. a
+network whose attention cannot fit the CPU (a 256-pixel task on the tiny preset) and pgraft's
+diagnostic beyond memory refused before work; 18. the reward classifier's training stopped by
+SIGTERM / Ctrl-C; 19. a signal during a round's evaluation stops once that round is saved;
+20. checkpoints named for what they are (a folder, a non-torch file, a pool without samples, a
+finished run without its checkpoint). The benchmark driver's signals: test_benchmark.py.
 """
 
 import hashlib
