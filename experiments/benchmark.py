@@ -145,7 +145,7 @@ SPECS = {
     ("mnist-pairs", "cpu"): dict(
         CPU_WEAK, base=dict(CPU_WEAK["base"], train_steps=2000), n_i="abar:0.9",
         ceiling_n_i="abar:0.7,0.5,0.3", run=dict(CPU_WEAK["run"], prompts=25, M=4, K=1),
-        tune=dict(CPU_WEAK["tune"], graft=dict(lr=[1e-4, 3e-4], train_steps=[100, 150]))),
+        tune=dict(CPU_WEAK["tune"], graft=dict(lr=[1e-4, 3e-4, 1e-3], train_steps=[100, 150]))),
     ("mnist-pairs", "gpu"): dict(GPU_WEAK, base=dict(CPU_WEAK["base"], train_steps=2000),
                                  run=dict(GPU_WEAK["run"], prompts=200, M=8, K=2)),
     ("celeba", "smoke"): dict(SMOKE, base=dict(SMOKE["base"], cond_drop=0.0), n_real=12,
