@@ -28,6 +28,7 @@ from models import (
     unet_from_preset,
 )
 from models.checkpoint import set_rng_state
+from models.unet import attention_bytes
 from tasks import DataError, UsageError, progress  # progress: re-exported for the scripts
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -206,6 +207,11 @@ def _number(cast, lo=None, hi=None, lo_open=False, what=None):
 
 
 pos_int = _number(int, 1, what="an integer >= 1")
+
+
+def count_up_to(hi):
+    """argparse type: an integer in 1..hi."""
+    return _number(int, 1, hi, what=f"an integer in 1..{hi}")
 nonneg_int = _number(int, 0, what="an integer >= 0")
 pos_float = _number(float, 0.0, lo_open=True, what="a number > 0")
 nonneg_float = _number(float, 0.0, what="a number >= 0")
@@ -601,8 +607,6 @@ def check_attention_memory(model, shape, counts, device):
     the CPU, scaled_dot_product_attention materialises them (H W)^2 per head, so a preset with
     attention at a high resolution (``tiny`` at 256 pixels) asks for tens of GiB per image.
     ``counts`` = {flag: (rows per process, with gradients)}."""
-    from models.unet import attention_bytes
-
     if device.type != "cpu" or len(shape) != 3:
         return
     total = memory_bytes(device)

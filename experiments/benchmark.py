@@ -119,8 +119,7 @@ CPU_WEAK = dict(
     final=dict(samples=200, fid_samples=0), target=dict(samples=200), n_real=10_000)
 CPU_TILT = dict(
     CPU_WEAK,
-    base=dict(preset="small16", train_steps=500, batch_size=32, lr=1e-3, ema_decay=0.995,
-              cond_drop=0.0),
+    base=dict(CPU_WEAK["base"], cond_drop=0.0),
     run=dict(CPU_WEAK["run"], prompts=40, M=4, K=1))
 GPU_WEAK = dict(
     bases=2, seeds=6, n_i="abar:0.9,0.7,0.5,0.3", ceiling_n_i="abar:0.97,0.15",
@@ -191,10 +190,10 @@ def get_args(argv=None):
     p.add_argument("--out", default=None, help="output folder (runs/benchmark/<task>-<preset>)")
     p.add_argument("--cache", default=os.path.join("runs", "benchmark", "cache"),
                    help="where bases, classifiers, target sets and feature statistics are kept")
-    p.add_argument("--seeds", type=common._number(int, 1, MAX_SEEDS, what="an integer"),
+    p.add_argument("--seeds", type=common.count_up_to(MAX_SEEDS),
                    default=None, help=f"reported seeds 0..S-1 (seed s fine-tunes base s mod "
                    f"--bases; at most {MAX_SEEDS})")
-    p.add_argument("--bases", type=common._number(int, 1, MAX_SEEDS, what="an integer"),
+    p.add_argument("--bases", type=common.count_up_to(MAX_SEEDS),
                    default=None, help="independently pretrained bases (pretrain seeds 0..B-1)")
     p.add_argument("--tune", choices=["grid", "none"], default="grid",
                    help="grid: choose each method's config on --tune-seed; none: the preset's")
