@@ -207,11 +207,6 @@ def _number(cast, lo=None, hi=None, lo_open=False, what=None):
 
 
 pos_int = _number(int, 1, what="an integer >= 1")
-
-
-def count_up_to(hi):
-    """argparse type: an integer in 1..hi."""
-    return _number(int, 1, hi, what=f"an integer in 1..{hi}")
 nonneg_int = _number(int, 0, what="an integer >= 0")
 pos_float = _number(float, 0.0, lo_open=True, what="a number > 0")
 nonneg_float = _number(float, 0.0, what="a number >= 0")
@@ -221,6 +216,11 @@ pos_unit_float = _number(float, 0.0, 1.0, lo_open=True, what="a number in (0, 1]
 # torch.manual_seed takes 64 bits; derived seeds (seed * 1000 + round, ...) wrap in generator()
 seed_int = _number(int, 0, 2**63 - 1, what="an integer in [0, 2^63)")
 fid_int = _number(int, -1, what="an integer >= -1 (-1: 5000 on CUDA, 0 on the CPU)")
+
+
+def count_up_to(hi):
+    """argparse type: an integer in 1..hi."""
+    return _number(int, 1, hi, what=f"an integer in 1..{hi}")
 
 
 def fid_count(flag, device, task):
